@@ -1,0 +1,299 @@
+"""Handler -> plain dict (``dump``) and plain dict -> handler (``restore``), with the skip flags."""
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from .. import __version__, rng, specs
+from ..callbacks.base import Callback
+from ..ema import EMA
+from ..enums import coerce_model_type
+from ..training import TrainSettings
+from . import format as F
+from .errors import IncompatibleCheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..handler import NNHandler
+
+# How a user sets each component again when a checkpoint could not restore it.
+HOW_TO_SET = {
+    "model": "NNHandler.initialize_from_checkpoint(path, model_class=YourModel, **kwargs)",
+    "optimizer": "h.set_optimizer(OptimizerClass, **kwargs)",
+    "scheduler": "h.set_scheduler(SchedulerClass, **kwargs)",
+    "loss_fn": "h.set_loss_fn(loss_fn, **kwargs)",
+    "sde": "h.set_sde(SDEClass, **kwargs)",
+    "sampler": "h.set_sampler(SamplerClass, **kwargs)",
+    "data.train": "h.set_train_loader(dataset)",
+    "data.val": "h.set_val_loader(dataset)",
+}
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def how_to_set(component: str) -> str:
+    if component.startswith("metric:"):
+        return f"h.add_metric({component.split(':', 1)[1]!r}, fn)"
+    if component.startswith("callback"):
+        return "h.add_callback(YourCallback(...))"
+    return HOW_TO_SET.get(component, "its setter")
+
+
+def canonical_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Model weights without DDP (``module.``) or torch.compile (``_orig_mod.``) prefixes.
+
+    The one place where prefixes from other tools are tolerated; files written here never have them.
+    """
+    state_dict = dict(state_dict)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if state_dict and all(k.startswith(prefix) for k in state_dict):
+                consume_prefix_in_state_dict_if_present(state_dict, prefix)
+                changed = True
+    return state_dict
+
+
+def load_model_weights(module: nn.Module, state_dict: Dict[str, Any], strict: bool, path: str,
+                       warn) -> None:
+    """``module.load_state_dict`` with errors that name keys and shapes, and a warning when not strict."""
+    if not isinstance(state_dict, dict):
+        raise IncompatibleCheckpointError(path, f"the model weights are a {type(state_dict).__name__}, not a state_dict")
+    state_dict = canonical_state_dict(state_dict)
+    own = module.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items()
+                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if mismatched:
+        raise IncompatibleCheckpointError(path, "shape mismatch in the model weights: " + "; ".join(mismatched))
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise IncompatibleCheckpointError(
+            path, f"model weights do not match the model (strict_load=True): missing keys {missing}, "
+                  f"unexpected keys {unexpected}; pass strict_load=False to load what matches")
+    module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        warn(f"non-strict load from {path}: missing keys {missing} (left as initialised), "
+             f"unexpected keys {unexpected} (ignored)")
+
+
+# ---------------------------------------------------------------------------- dump
+def _component(h: "NNHandler", name: str, state: Any = None) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    spec, reason = h._records.get(name, (None, None))
+    if spec is None:
+        return None, reason or f"{name} was not recorded"
+    entry: Dict[str, Any] = {"spec": spec}
+    if state is not None:
+        problem = specs.plain_problem(state, f"{name} state")
+        if problem:
+            return None, problem
+        entry["state"] = state
+    return entry, None
+
+
+def dump(h: "NNHandler") -> Dict[str, Any]:
+    """The whole handler as tensors and plain containers, readable with ``weights_only=True``."""
+    unrecorded: Dict[str, str] = {}
+
+    def put(name: str, live: Any, state: Any = None) -> Optional[Dict[str, Any]]:
+        if live is None:
+            return None
+        entry, reason = _component(h, name, state)
+        if entry is None:
+            unrecorded[name] = reason or "not recordable"
+        return entry
+
+    model_spec, model_reason = h._records["model"]
+    if model_spec is None:
+        unrecorded["model"] = model_reason or "not recordable"
+    metrics: Dict[str, Any] = {}
+    for name in h._metrics:
+        spec, reason = h._records.get(f"metric:{name}", (None, "not recorded"))
+        metrics[name] = spec
+        if spec is None:
+            unrecorded[f"metric:{name}"] = reason or "not recordable"
+    callbacks: List[Dict[str, Any]] = []
+    for index, cb in enumerate(h._callbacks):
+        spec, reason = specs.record(type(cb), cb.init_kwargs)
+        reason = cb._init_problem or reason
+        state = cb.state_dict()
+        problem = specs.plain_problem(state, f"{type(cb).__name__} state")
+        if spec is None or reason or problem:
+            unrecorded[f"callback[{index}] {type(cb).__name__}"] = reason or problem
+            continue
+        callbacks.append({"spec": spec, "state": state})
+    data: Dict[str, Any] = {}
+    for name, slot in h._data.items():
+        if slot.is_set or slot.missing_dataset:
+            data[name], reason = slot.record()
+            if reason:
+                unrecorded[f"data.{name}"] = reason
+    sde, sampler = h._sde, h._sampler
+    return {
+        F.FORMAT: F.FORMAT_NAME,
+        F.VERSION: F.FORMAT_VERSION,
+        F.VERSIONS: {"nn_handler": str(__version__), "torch": str(torch.__version__)},
+        F.CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        F.WORLD_SIZE: h.world_size,
+        F.MODEL: {"spec": model_spec, "model_type": str(h.model_type)},
+        F.MODEL_STATE: canonical_state_dict(h.module.state_dict()),
+        F.OPTIMIZER: put("optimizer", h._optimizer, h._optimizer.state_dict() if h._optimizer else None),
+        F.SCHEDULER: put("scheduler", h._scheduler, h._scheduler.state_dict() if h._scheduler else None),
+        F.GRAD_SCALER: h._grad_scaler.state_dict() if h._grad_scaler is not None else None,
+        F.LOSS: put("loss_fn", h._loss_fn),
+        F.METRICS: metrics,
+        F.HISTORY: h._history.state_dict(),
+        F.CALLBACKS: callbacks,
+        F.SDE: put("sde", sde, sde.state_dict() if hasattr(sde, "state_dict") else None),
+        F.SAMPLER: put("sampler", sampler, sampler.state_dict() if hasattr(sampler, "state_dict") else None),
+        F.EMA: h._ema.state_dict() if h._ema is not None else None,
+        F.SETTINGS: h._settings.to_dict(),
+        F.PROGRESS: {"epoch": h.epoch, "global_step": h.global_step, "data_seed": h._data_seed},
+        F.DATA: data,
+        F.RNG: rng.capture(),
+        F.UNRECORDED: unrecorded,
+    }
+
+
+# ---------------------------------------------------------------------------- restore
+def _build(entry: Dict[str, Any], what: str, expected: Optional[type] = None) -> Tuple[Any, Dict[str, Any]]:
+    target, kwargs = specs.split(entry["spec"])
+    return specs.resolve(target, what, expected=expected), kwargs
+
+
+def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, strict_load: bool,
+            skip_optimizer: bool, skip_scheduler: bool, skip_history: bool, skip_callbacks: bool,
+            skip_sampler_sde: bool, skip_ema: bool) -> "NNHandler":
+    """A handler built from ``state`` (already verified and migrated)."""
+    unrecorded: Dict[str, str] = dict(state.get(F.UNRECORDED) or {})
+    model_entry = state[F.MODEL]
+    if model_entry.get("spec") is None:
+        raise IncompatibleCheckpointError(
+            path, f"the model class was not recorded in this checkpoint ({unrecorded.get('model', 'unknown reason')}): "
+                  f"load its weights with {HOW_TO_SET['model']}")
+    try:
+        model_class, model_kwargs = _build(model_entry, "model", expected=nn.Module)
+    except specs.SpecError as exc:
+        raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
+    h = handler_class(model_class, device=device, model_type=coerce_model_type(model_entry.get("model_type")),
+                      **model_kwargs)
+    load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
+    skipped = set()
+
+    def attempt(component: str, fn) -> None:
+        """Restore one component; a failure is told (naming it), never swallowed silently."""
+        try:
+            fn()
+        except specs.SpecError as exc:
+            h._not_restored[component] = str(exc)
+            h._warn(f"{component} from {path} was not restored: {exc}; set it again with {how_to_set(component)}")
+
+    if state.get(F.LOSS):
+        def set_loss():
+            fn, kwargs = _build(state[F.LOSS], "loss_fn")
+            h.set_loss_fn(fn, **kwargs)
+        attempt("loss_fn", set_loss)
+    for name, spec in (state.get(F.METRICS) or {}).items():
+        if spec is not None:
+            attempt(f"metric:{name}", lambda name=name, spec=spec: h.add_metric(name, specs.resolve(
+                specs.split(spec)[0], f"metric {name!r}")))
+
+    for name, record in (state.get(F.DATA) or {}).items():
+        slot = h._data.get(name)
+        if slot is None:
+            continue
+        if record.get("dataset") is not None:
+            try:
+                h._set_loader(name, record["dataset"], dict(record.get("options") or {}), from_file=True)
+                continue
+            except Exception as exc:  # a dataset that cannot be rebuilt here must not block inference
+                h._not_restored[f"data.{name}"] = str(exc)
+                h._warn(f"the {name} dataset recorded in {path} could not be rebuilt ({exc}); "
+                        f"set it again with {how_to_set('data.' + name)}")
+        slot.options = dict(record.get("options") or {})
+        slot.missing_dataset = True
+
+    if skip_optimizer:
+        skipped.update({"optimizer"})
+    elif state.get(F.OPTIMIZER):
+        def set_optimizer():
+            cls, kwargs = _build(state[F.OPTIMIZER], "optimizer", expected=torch.optim.Optimizer)
+            h.set_optimizer(cls, **kwargs)
+            h.optimizer.load_state_dict(state[F.OPTIMIZER]["state"])
+            if state.get(F.GRAD_SCALER) is not None:
+                h._grad_scaler_for(True)
+                if h._grad_scaler is not None:
+                    h._grad_scaler.load_state_dict(state[F.GRAD_SCALER])
+        attempt("optimizer", set_optimizer)
+
+    if skip_scheduler:
+        skipped.add("scheduler")
+    elif state.get(F.SCHEDULER):
+        if h.optimizer is None:
+            h._not_restored["scheduler"] = "the optimizer was not restored, and a scheduler needs one"
+            h._warn(f"the scheduler in {path} was not restored because the optimizer was not "
+                    f"(skip_optimizer=True or not recorded); set both again, the scheduler with "
+                    f"{how_to_set('scheduler')}, or pass skip_scheduler=True to silence this")
+        else:
+            def set_scheduler():
+                cls, kwargs = _build(state[F.SCHEDULER], "scheduler")
+                h.set_scheduler(cls, **kwargs)
+                h.scheduler.load_state_dict(state[F.SCHEDULER]["state"])
+            attempt("scheduler", set_scheduler)
+
+    if not skip_history and h._dist.is_main:
+        h._history.load_state_dict(state.get(F.HISTORY) or {})
+
+    if skip_callbacks:
+        skipped.add("callback")
+    else:
+        for index, entry in enumerate(state.get(F.CALLBACKS) or []):
+            def add_callback(entry=entry):
+                cls, kwargs = _build(entry, "callback", expected=Callback)
+                cb = cls(**kwargs)
+                cb.load_state_dict(entry.get("state") or {})
+                h.add_callback(cb)
+            attempt(f"callback[{index}]", add_callback)
+
+    if skip_sampler_sde:
+        skipped.update({"sde", "sampler"})
+    else:
+        for key, setter in ((F.SDE, h.set_sde), (F.SAMPLER, h.set_sampler)):
+            entry = state.get(key)
+            if entry:
+                def set_component(entry=entry, setter=setter, key=key):
+                    cls, kwargs = _build(entry, key)
+                    setter(cls, **kwargs)
+                    live = h.sde if key == F.SDE else h.sampler
+                    if "state" in entry and hasattr(live, "load_state_dict"):
+                        live.load_state_dict(entry["state"])
+                attempt(key, set_component)
+
+    settings = TrainSettings.from_dict(state.get(F.SETTINGS) or {})
+    if skip_ema:
+        settings.ema_decay = None
+    elif state.get(F.EMA) is not None:
+        ema_state = state[F.EMA]
+        h._ema = EMA(h.module, ema_state["decay"])
+        h._ema.load_state_dict(ema_state)
+    h._settings = settings
+
+    progress = state.get(F.PROGRESS) or {}
+    h.epoch = int(progress.get("epoch", 0))
+    h.global_step = int(progress.get("global_step", 0))
+    h._data_seed = progress.get("data_seed")
+
+    for component, reason in unrecorded.items():
+        if component == "model" or any(component.startswith(s) for s in skipped):
+            continue
+        h._not_restored[component] = f"not recorded when {path} was saved: {reason}"
+        h._warn(f"{component} was not recorded in {path} ({reason}); set it again with {how_to_set(component)}")
+
+    if state.get(F.RNG):
+        rng.restore(state[F.RNG])  # last: building the components above draws random numbers
+    return h

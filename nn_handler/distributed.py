@@ -1,0 +1,98 @@
+"""Where this process stands in a distributed job: detection, process group, device, barriers."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    enabled: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> Optional[int]:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def env_topology() -> DistInfo:
+    """Rank, local rank and world size from torchrun's variables or, under srun, SLURM's."""
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    rank = _env_int("RANK", "SLURM_PROCID")
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+    if world is None or rank is None:
+        return DistInfo(enabled=False)
+    return DistInfo(enabled=world > 1, rank=rank, local_rank=local or 0, world_size=world)
+
+
+def setup(use_distributed: Optional[bool]) -> DistInfo:
+    """Join (or create) the process group when the environment asks for it.
+
+    ``use_distributed=None`` follows the environment; ``False`` opts out; ``True``
+    requires a distributed environment.
+    """
+    if use_distributed is False:
+        return DistInfo(enabled=False)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(enabled=dist.get_world_size() > 1 or bool(use_distributed),
+                        rank=dist.get_rank(),
+                        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0,
+                        world_size=dist.get_world_size())
+    info = env_topology()
+    if not info.enabled:
+        if use_distributed:
+            raise RuntimeError("use_distributed=True but no distributed environment was found: "
+                               "launch with torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or srun")
+        return info
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return info
+
+
+def resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) -> torch.device:
+    """An explicit device wins; None means cuda:LOCAL_RANK (or cpu) under DDP, else cuda if present."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank) if info.enabled else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(value: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank."""
+    if not (info.enabled and dist.is_initialized()):
+        return value
+    box: List[Any] = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

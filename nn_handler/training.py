@@ -1,0 +1,315 @@
+"""The training loop: epochs, steps, accumulation, AMP, clipping, EMA, callbacks, validation."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from .callbacks.base import overrides
+from .enums import ModelType
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .handler import NNHandler
+
+
+@dataclass
+class TrainSettings:
+    """What ``train`` keeps between calls (and across save/load) unless told otherwise."""
+
+    validate_every: int = 1
+    gradient_accumulation_steps: int = 1
+    use_amp: bool = False
+    gradient_clipping_norm: Optional[float] = None  # None or 0: no clipping
+    ema_decay: Optional[float] = None  # None or 0: no EMA
+
+    def updated(self, **changes: Any) -> "TrainSettings":
+        """A copy with every change that is not None applied, validated."""
+        values = asdict(self)
+        values.update({k: v for k, v in changes.items() if v is not None})
+        new = TrainSettings(**values)
+        if int(new.validate_every) < 1:
+            raise ValueError(f"validate_every must be >= 1, got {new.validate_every!r}")
+        if int(new.gradient_accumulation_steps) < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {new.gradient_accumulation_steps!r}")
+        if new.gradient_clipping_norm is not None and float(new.gradient_clipping_norm) < 0:
+            raise ValueError(f"gradient_clipping_norm must be >= 0, got {new.gradient_clipping_norm!r}")
+        if new.ema_decay is not None and not 0.0 <= float(new.ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {new.ema_decay!r} (0 turns EMA off)")
+        new.validate_every = int(new.validate_every)
+        new.gradient_accumulation_steps = int(new.gradient_accumulation_steps)
+        new.use_amp = bool(new.use_amp)
+        new.gradient_clipping_norm = float(new.gradient_clipping_norm) if new.gradient_clipping_norm else None
+        new.ema_decay = float(new.ema_decay) if new.ema_decay else None
+        return new
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        return cls().updated(**{k: v for k, v in values.items() if k in known})
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    if isinstance(x, (list, tuple)) and x:
+        return _batch_size(x[0])
+    if isinstance(x, dict) and x:
+        return _batch_size(next(iter(x.values())))
+    return 1
+
+
+def denoising_score_matching(model: Callable, x: torch.Tensor, sde: Any) -> torch.Tensor:
+    """Denoising score matching with the weighting lambda(t) = sigma(t)^2.
+
+    ``t ~ U(eps, T)``, ``x_t = mean(x, t) + sigma(t) z``; the loss is
+    ``mean over the batch of sum over dims of (sigma(t) s(t, x_t) + z)^2``, which is
+    ``sigma^2 |s - grad log p_t(x_t | x)|^2``. The SDE provides ``marginal_prob(x, t)
+    -> (mean, std)``, ``T`` and (optionally) ``eps``.
+    """
+    eps = float(getattr(sde, "eps", 1e-5))
+    T = float(getattr(sde, "T", 1.0))
+    t = torch.rand(x.shape[0], device=x.device) * (T - eps) + eps
+    z = torch.randn_like(x)
+    mean, std = sde.marginal_prob(x, t)
+    std = std.reshape(-1, *([1] * (x.dim() - 1)))
+    score = model(t, mean + std * z)
+    return ((score * std + z) ** 2).reshape(x.shape[0], -1).sum(dim=1).mean()
+
+
+def make_forward(h: "NNHandler") -> Callable[[Any], Tuple[torch.Tensor, Any, Any, int]]:
+    """``batch -> (loss, predictions, targets, batch_size)`` for the handler's model type."""
+    model, loss_fn, model_type = h.model, h.loss_fn, h.model_type
+
+    if model_type in (ModelType.CLASSIFICATION, ModelType.REGRESSION):
+        if loss_fn is None:
+            raise RuntimeError(h._missing("loss_fn", "h.set_loss_fn(torch.nn.CrossEntropyLoss)"))
+
+        def forward(batch):
+            x, y = batch[0], batch[1]
+            out = model(x)
+            return loss_fn(out, y), out, y, _batch_size(x)
+        return forward
+
+    if model_type is ModelType.SCORE_BASED:
+        sde = h.sde
+        if loss_fn is None and sde is None:
+            raise RuntimeError(h._missing("sde", "h.set_sde(YourSDE, ...) or h.set_loss_fn(fn(model, x, sde))"))
+
+        def forward(batch):
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            loss = loss_fn(model, x, sde) if loss_fn is not None else denoising_score_matching(model, x, sde)
+            return loss, None, None, _batch_size(x)
+        return forward
+
+    def forward(batch):  # GENERATIVE
+        if loss_fn is not None:
+            loss = loss_fn(model, batch)
+        else:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            loss = model(x)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise RuntimeError("a GENERATIVE model needs a scalar loss: give h.set_loss_fn(fn(model, batch)) "
+                               "or make the model's forward return its loss")
+        return loss, None, None, _batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    return forward
+
+
+def autocast_context(h: "NNHandler", enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if h.device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=h.device.type, dtype=dtype)
+
+
+class _Averages:
+    """Sample-weighted sums of the loss and each metric over an epoch."""
+
+    def __init__(self, device: torch.device, metric_names: List[str]):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.metrics = {name: 0.0 for name in metric_names}
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.loss.add_(loss.detach(), alpha=n)
+        self.count += n
+
+    def reduce(self, h: "NNHandler") -> Tuple[float, Dict[str, float]]:
+        """Exact averages over every sample seen, summed over ranks."""
+        totals = torch.tensor([self.loss.item(), float(self.count), *self.metrics.values()], dtype=torch.float64)
+        from .distributed import all_reduce_sum
+        totals = all_reduce_sum(totals.to(h.device) if h.device.type == "cuda" else totals, h._dist).cpu()
+        count = totals[1].item()
+        if count == 0:
+            return math.nan, {name: math.nan for name in self.metrics}
+        return totals[0].item() / count, {name: totals[2 + i].item() / count for i, name in enumerate(self.metrics)}
+
+
+@torch.no_grad()
+def evaluate(h: "NNHandler", loader) -> Tuple[float, Dict[str, float]]:
+    """Average loss and metrics of the model over ``loader``, in eval mode."""
+    forward = make_forward(h)
+    module = h.module
+    was_training = module.training
+    module.eval()
+    sums = _Averages(h.device, list(h._metrics))
+    non_blocking = h.device.type == "cuda"
+    try:
+        with autocast_context(h, h._settings.use_amp):
+            for batch in loader:
+                batch = to_device(batch, h.device, non_blocking)
+                loss, out, y, n = forward(batch)
+                sums.add(loss, n)
+                for name, fn in h._metrics.items():
+                    sums.metrics[name] += float(fn(out, y)) * n
+    finally:
+        module.train(was_training)
+    return sums.reduce(h)
+
+
+def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
+    """Train ``epochs`` more epochs. The handler holds every piece of state this touches."""
+    train_slot = h._data["train"]
+    if not train_slot.is_set:
+        if train_slot.missing_dataset:
+            raise RuntimeError("the training dataset was given as an object when the checkpoint was saved, so it is "
+                               "not in the file: set it again with h.set_train_loader(dataset) (the recorded loader "
+                               f"options {train_slot.options} are reused)")
+        raise RuntimeError("no training data: call h.set_train_loader(dataset, batch_size=..., shuffle=True) first")
+    if h.optimizer is None:
+        raise RuntimeError(h._missing("optimizer", "h.set_optimizer(torch.optim.Adam, lr=1e-3)"))
+    settings = h._settings
+    forward = make_forward(h)
+    model, module, optimizer, device = h.model, h.module, h.optimizer, h.device
+    loader, sampler = train_slot.loader, train_slot.sampler
+    val_slot = h._data["val"]
+    accum = settings.gradient_accumulation_steps
+    clip = settings.gradient_clipping_norm
+    scaler = h._grad_scaler_for(settings.use_amp)
+    ema = h._ensure_ema(settings.ema_decay)
+    metrics = h._metrics
+    callbacks = h.callbacks
+    hooks = {name: [cb for cb in callbacks if overrides(cb, name)]
+             for name in ("on_epoch_begin", "on_epoch_end", "on_batch_begin", "on_batch_end")}
+    non_blocking = device.type == "cuda" and bool(train_slot.options.get("pin_memory"))
+    distributed = h._dist.enabled and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    try:
+        steps_per_epoch: Optional[int] = len(loader)
+    except TypeError:
+        steps_per_epoch = None
+
+    def optimizer_step() -> None:
+        if scaler is not None:
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        h.global_step += 1
+        if ema is not None:
+            ema.update(module)
+
+    h.stop_training = False
+    for cb in callbacks:
+        cb.on_train_begin(h)
+    bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=not (progress_bar and h._dist.is_main),
+               unit="batch", dynamic_ncols=True, mininterval=0.5, leave=True)
+    try:
+        for _ in range(epochs):
+            epoch = h.epoch
+            bar.set_description(f"epoch {epoch + 1}")
+            if sampler is not None:
+                sampler.seed = h._data_seed
+                sampler.set_epoch(epoch)
+            for cb in hooks["on_epoch_begin"]:
+                cb.on_epoch_begin(h, epoch)
+            module.train()
+            sums = _Averages(device, list(metrics))
+            optimizer.zero_grad(set_to_none=True)
+            pending = 0
+            step_in_epoch = -1
+            for step_in_epoch, batch in enumerate(loader):
+                for cb in hooks["on_batch_begin"]:
+                    cb.on_batch_begin(h, step_in_epoch)
+                batch = to_device(batch, device, non_blocking)
+                pending += 1
+                last_micro = pending == accum or (steps_per_epoch is not None and step_in_epoch + 1 == steps_per_epoch)
+                sync = contextlib.nullcontext() if (last_micro or not distributed) else model.no_sync()
+                with sync:
+                    with autocast_context(h, settings.use_amp):
+                        loss, out, y, n = forward(batch)
+                    scaled = loss / accum if accum > 1 else loss
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                if last_micro:
+                    optimizer_step()
+                    pending = 0
+                sums.add(loss, n)
+                if metrics:
+                    with torch.no_grad():
+                        for name, fn in metrics.items():
+                            sums.metrics[name] += float(fn(out.detach(), y)) * n
+                if hooks["on_batch_end"]:
+                    logs = {"loss": loss.detach(), "batch_size": n, "global_step": h.global_step}
+                    for cb in hooks["on_batch_end"]:
+                        cb.on_batch_end(h, step_in_epoch, logs)
+                bar.update(1)
+            if pending:  # an iterable dataset's last, partial accumulation group
+                optimizer_step()
+            if step_in_epoch < 0:
+                raise RuntimeError("the training loader yielded no batches")
+
+            train_loss, train_metrics = sums.reduce(h)
+            logs: Dict[str, float] = {"loss": train_loss, **train_metrics}
+            validated = val_slot.is_set and (epoch + 1) % settings.validate_every == 0
+            val_loss = math.nan
+            val_metrics: Dict[str, float] = {name: math.nan for name in metrics}
+            if validated:
+                val_loss, val_metrics = evaluate(h, val_slot.loader)
+                logs["val_loss"] = val_loss
+                logs.update({f"val_{k}": v for k, v in val_metrics.items()})
+            h._history.append(train_loss, train_metrics, val_loss if val_slot.is_set else None,
+                              val_metrics if val_slot.is_set else None)
+            scheduler = h.scheduler
+            if scheduler is not None:
+                if isinstance(scheduler, ReduceLROnPlateau):
+                    if validated:
+                        scheduler.step(val_loss)
+                    elif not val_slot.is_set:
+                        scheduler.step(train_loss)
+                else:
+                    scheduler.step()
+            logs["lr"] = optimizer.param_groups[0]["lr"]
+            h.epoch += 1
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss")}, refresh=False)
+            h._log_epoch(logs)
+            for cb in hooks["on_epoch_end"]:
+                cb.on_epoch_end(h, epoch, logs)
+            if h.stop_training:
+                h.logger.info("training stopped by a callback after epoch %d", h.epoch)
+                break
+    finally:
+        bar.close()
+    for cb in callbacks:
+        cb.on_train_end(h)
