@@ -15,7 +15,10 @@ class Callback:
     a checkpoint can re-create the callback; a subclass needs only its own ``__init__``.
     State that changes during training belongs in ``state_dict``/``load_state_dict``.
     A hook may set ``handler.stop_training = True`` to end training after the epoch.
+    A callback class with ``recorded = False`` (progress, logging) is left out of checkpoints.
     """
+
+    recorded: bool = True
 
     def __new__(cls, *args: Any, **kwargs: Any):
         obj = super().__new__(cls)

@@ -6,12 +6,13 @@ functions back ``NNHandler.load`` and ``NNHandler.initialize_from_checkpoint``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 
 from .. import distributed
 from ..specs import plain_problem
+from ..specs import split as specs_split
 from ..enums import ModelType, coerce_model_type
 from . import format as _format
 from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
 
 __all__ = [
-    "load", "initialize_from_checkpoint", "save",
+    "load", "initialize_from_checkpoint", "save", "read_info",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -64,21 +65,77 @@ def _read(path: PathLike, device: torch.device) -> Any:
     return safe_load(path, map_location=device)
 
 
+def read_info(path: PathLike) -> Dict[str, Any]:
+    """What a checkpoint records, without building anything or reading its tensors' data.
+
+    Keys: ``kind`` ("handler" or "weights"), ``format_version``, ``versions``, ``created``,
+    ``world_size``, ``model`` ({"target", "kwargs", "model_type"} or None), ``optimizer``,
+    ``scheduler``, ``loss_fn`` (specs or None), ``data`` ({"train"/"val": {"dataset", "options"}}),
+    ``progress`` ({"epoch", "global_step"}), ``train_settings``, ``history`` (last values),
+    ``callbacks`` (targets), ``ema`` (decay or None), ``unrecorded``, ``parameters`` (count).
+    """
+    path_str = os.fspath(path)
+    obj = safe_load(path, map_location="cpu", mmap=True)
+    weights = obj.get(_format.MODEL_STATE) if isinstance(obj, dict) else None
+    if not _format.is_handler_state(obj):
+        if isinstance(obj, dict) and (_format._looks_like_state_dict(obj) or isinstance(weights, dict)):
+            weights = weights if isinstance(weights, dict) else obj
+            return {"kind": "weights", "model": None,
+                    "parameters": sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor))}
+        _format.check_and_migrate(obj, path_str)  # raises the right error
+    state = _format.check_and_migrate(obj, path_str)
+    model_spec = state[_format.MODEL].get("spec")
+    model = None
+    if model_spec is not None:
+        target, kwargs = specs_split(model_spec)
+        model = {"target": target, "kwargs": kwargs, "model_type": state[_format.MODEL].get("model_type")}
+
+    def spec_of(key: str) -> Optional[Dict[str, Any]]:
+        entry = state.get(key)
+        return dict(entry["spec"]) if entry else None
+
+    history = state.get(_format.HISTORY) or {}
+    return {
+        "kind": "handler",
+        "format_version": state[_format.VERSION],
+        "versions": dict(state.get(_format.VERSIONS) or {}),
+        "created": state.get(_format.CREATED),
+        "world_size": state.get(_format.WORLD_SIZE),
+        "model": model,
+        "optimizer": spec_of(_format.OPTIMIZER),
+        "scheduler": spec_of(_format.SCHEDULER),
+        "loss_fn": spec_of(_format.LOSS),
+        "data": dict(state.get(_format.DATA) or {}),
+        "progress": {k: v for k, v in (state.get(_format.PROGRESS) or {}).items() if k != "data_seed"},
+        "train_settings": dict(state.get(_format.SETTINGS) or {}),
+        "history": {k: (v[-1] if v else None) for k, v in history.items() if isinstance(v, list)},
+        "callbacks": [entry["spec"]["_target_"] for entry in state.get(_format.CALLBACKS) or []],
+        "ema": (state.get(_format.EMA) or {}).get("decay"),
+        "unrecorded": dict(state.get(_format.UNRECORDED) or {}),
+        "parameters": sum(v.numel() for v in state[_format.MODEL_STATE].values() if isinstance(v, torch.Tensor)),
+    }
+
+
 def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_load: bool = False,
          skip_optimizer: bool = False, skip_scheduler: bool = False, skip_history: bool = False,
-         skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False) -> "NNHandler":
+         skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False, *,
+         model_class: Optional[type] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+         model_type: Optional[Union[ModelType, str]] = None) -> "NNHandler":
     """A handler rebuilt from a file written by ``NNHandler.save``.
 
     ``device=None`` means the DDP-assigned device (cuda:LOCAL_RANK or cpu) under DDP,
     otherwise cuda when available, else cpu. Tensors are mapped straight onto it. Each
-    ``skip_*`` flag leaves that component as a fresh handler has it.
+    ``skip_*`` flag leaves that component as a fresh handler has it. The keyword-only
+    ``model_class``/``model_kwargs``/``model_type`` build that model instead of the
+    recorded one (its weights then load under ``strict_load``).
     """
     info = distributed.env_topology()
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(path)
     state = _format.check_and_migrate(_read(path, target), path_str)
     handler = restore(handler_class, state, path_str, target, strict_load, skip_optimizer, skip_scheduler,
-                      skip_history, skip_callbacks, skip_sampler_sde, skip_ema)
+                      skip_history, skip_callbacks, skip_sampler_sde, skip_ema, model_class=model_class,
+                      model_kwargs=model_kwargs, model_type=model_type)
     distributed.barrier(handler._dist)
     return handler
 

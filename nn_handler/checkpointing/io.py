@@ -70,7 +70,7 @@ def check_readable_file(path: PathLike) -> Path:
     return path
 
 
-def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None) -> Any:
+def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError.
 
     Nothing in the file is unpickled beyond tensors and plain containers, so no code from
@@ -82,7 +82,7 @@ def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] =
     if head != _ZIP_MAGIC and head != _LEGACY_MAGIC:
         raise NotACheckpointError(path, "not a PyTorch checkpoint (unknown file signature)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head == _ZIP_MAGIC)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "unsupported" in text.lower():

@@ -119,6 +119,8 @@ def dump(h: "NNHandler") -> Dict[str, Any]:
             unrecorded[f"metric:{name}"] = reason or "not recordable"
     callbacks: List[Dict[str, Any]] = []
     for index, cb in enumerate(h._callbacks):
+        if not cb.recorded:
+            continue
         spec, reason = specs.record(type(cb), cb.init_kwargs)
         reason = cb._init_problem or reason
         state = cb.state_dict()
@@ -168,20 +170,28 @@ def _build(entry: Dict[str, Any], what: str, expected: Optional[type] = None) ->
 
 def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, strict_load: bool,
             skip_optimizer: bool, skip_scheduler: bool, skip_history: bool, skip_callbacks: bool,
-            skip_sampler_sde: bool, skip_ema: bool) -> "NNHandler":
-    """A handler built from ``state`` (already verified and migrated)."""
+            skip_sampler_sde: bool, skip_ema: bool, model_class: Any = None,
+            model_kwargs: Optional[Dict[str, Any]] = None, model_type: Any = None) -> "NNHandler":
+    """A handler built from ``state`` (already verified and migrated).
+
+    ``model_class`` (with ``model_kwargs``) builds that model instead of the recorded one,
+    e.g. a new head for transfer learning; the weights then load under ``strict_load``.
+    """
     unrecorded: Dict[str, str] = dict(state.get(F.UNRECORDED) or {})
     model_entry = state[F.MODEL]
-    if model_entry.get("spec") is None:
-        raise IncompatibleCheckpointError(
-            path, f"the model class was not recorded in this checkpoint ({unrecorded.get('model', 'unknown reason')}): "
-                  f"load its weights with {HOW_TO_SET['model']}")
-    try:
-        model_class, model_kwargs = _build(model_entry, "model", expected=nn.Module)
-    except specs.SpecError as exc:
-        raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
-    h = handler_class(model_class, device=device, model_type=coerce_model_type(model_entry.get("model_type")),
-                      **model_kwargs)
+    if model_class is None:
+        if model_entry.get("spec") is None:
+            raise IncompatibleCheckpointError(
+                path, f"the model class was not recorded in this checkpoint "
+                      f"({unrecorded.get('model', 'unknown reason')}): load its weights with {HOW_TO_SET['model']}")
+        try:
+            model_class, recorded_kwargs = _build(model_entry, "model", expected=nn.Module)
+        except specs.SpecError as exc:
+            raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
+        model_kwargs = recorded_kwargs if model_kwargs is None else model_kwargs
+    h = handler_class(model_class, device=device,
+                      model_type=coerce_model_type(model_type or model_entry.get("model_type")),
+                      **(model_kwargs or {}))
     load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
     skipped = set()
 
