@@ -5,6 +5,7 @@ functions back ``NNHandler.load`` and ``NNHandler.initialize_from_checkpoint``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
@@ -17,19 +18,20 @@ from ..enums import ModelType, coerce_model_type
 from . import format as _format
 from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
                      UnsafeCheckpointError)
-from .io import atomic_save, check_readable_file, safe_load
+from .io import atomic_save, check_readable_file, safe_load, verify
 from .state import dump, load_model_weights, restore
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
 
 __all__ = [
-    "load", "initialize_from_checkpoint", "save", "read_info",
+    "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger("nn_handler")
 DeviceLike = Optional[Union[str, torch.device]]
 
 
@@ -60,9 +62,26 @@ def save(handler: "NNHandler", path: PathLike) -> None:
         raise RuntimeError(f"saving {os.fspath(path)} failed on rank 0: {error}")
 
 
-def _read(path: PathLike, device: torch.device) -> Any:
+def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False) -> Any:
+    """The verified contents of ``path``: checksum checked first, then a ``weights_only`` load.
+
+    Files written by other tools carry no checksum and load (safely) with that noted in the
+    log; a file whose contents say it is an nn_handler checkpoint must carry a valid one.
+    """
     check_readable_file(path)
-    return safe_load(path, map_location=device)
+    verification = verify(path)
+    obj = safe_load(path, map_location=map_location, mmap=mmap)
+    if not verification.checksum:
+        if _format.is_handler_state(obj):
+            raise CorruptCheckpointError(path, "the file says it is an nn_handler checkpoint but its checksum "
+                                               "record is missing or damaged")
+        logger.info("%s carries no checksum (not written by nn_handler): loaded without verification",
+                    os.fspath(path))
+    return obj
+
+
+def _read(path: PathLike, device: torch.device) -> Any:
+    return read_checkpoint(path, map_location=device)
 
 
 def read_info(path: PathLike) -> Dict[str, Any]:
@@ -75,7 +94,7 @@ def read_info(path: PathLike) -> Dict[str, Any]:
     ``callbacks`` (targets), ``ema`` (decay or None), ``unrecorded``, ``parameters`` (count).
     """
     path_str = os.fspath(path)
-    obj = safe_load(path, map_location="cpu", mmap=True)
+    obj = read_checkpoint(path, map_location="cpu", mmap=True)
     weights = obj.get(_format.MODEL_STATE) if isinstance(obj, dict) else None
     if not _format.is_handler_state(obj):
         if isinstance(obj, dict) and (_format._looks_like_state_dict(obj) or isinstance(weights, dict)):

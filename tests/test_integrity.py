@@ -1,0 +1,232 @@
+"""Safe, atomic, verified checkpoints: hostile files, junk, damage, crashes."""
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nn_handler import NNHandler
+from nn_handler.checkpointing import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError,
+                                      NotACheckpointError, UnsafeCheckpointError, initialize_from_checkpoint,
+                                      read_checkpoint)
+from nn_handler.checkpointing import io as ckpt_io
+from nn_handler.models import MLP
+
+from safety_helpers import Payload
+
+DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 64, "in_features": 8, "num_classes": 3}
+
+
+def _trained_handler() -> NNHandler:
+    h = NNHandler(MLP, in_features=8, out_features=3, hidden=[16])
+    h.set_optimizer(torch.optim.Adam, lr=1e-2)
+    h.set_loss_fn(torch.nn.CrossEntropyLoss)
+    h.set_train_loader(DATA, batch_size=16, shuffle=True)
+    h.train(epochs=1, ema_decay=0.9, progress_bar=False)
+    return h
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "good.pt"
+    h = _trained_handler()
+    h.save(path)
+    return path, h
+
+
+def _same_state(a: NNHandler, b: NNHandler) -> bool:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) and \
+        a.train_losses == b.train_losses and a.epoch == b.epoch
+
+
+# ------------------------------------------------------------------ hostile files
+@pytest.mark.parametrize("where", ["top level", "inside the model state", "deep in a list"])
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, where):
+    marker = tmp_path / "pwned"
+    evil = Payload(str(marker))
+    obj = {"top level": evil,
+           "inside the model state": {"model_state_dict": {"w": torch.zeros(2), "x": evil}},
+           "deep in a list": {"a": [1, {"b": (2, [evil])}]}}[where]
+    path = tmp_path / "evil.pt"
+    torch.save(obj, path)
+    for load in (lambda: NNHandler.load(path), lambda: initialize_from_checkpoint(NNHandler, path, MLP, in_features=2,
+                                                                                    out_features=2)):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            load()
+        assert str(path) in str(info.value) and "system" in str(info.value)
+    assert not marker.exists()
+
+
+def test_raw_pickle_file_is_refused_unread(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(Payload(str(marker))))
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        NNHandler.load(path)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ junk
+@pytest.mark.parametrize("kind,content,error", [
+    ("empty", b"", CorruptCheckpointError),
+    ("text", b"epoch: 3\nloss: 0.1\n", NotACheckpointError),
+    ("random bytes", bytes(random.Random(0).getrandbits(8) for _ in range(4096)), NotACheckpointError),
+    ("utf-16 text", "hello".encode("utf-16"), NotACheckpointError),
+])
+def test_junk_files_get_the_right_error(tmp_path, kind, content, error):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(error) as info:
+        NNHandler.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_directory_and_foreign_zip_are_not_checkpoints(tmp_path):
+    with pytest.raises(NotACheckpointError, match="directory"):
+        NNHandler.load(tmp_path)
+    path = tmp_path / "archive.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "not a model")
+    with pytest.raises(NotACheckpointError, match="zip archive"):
+        NNHandler.load(path)
+
+
+def test_truncation_at_many_offsets_is_detected(saved, tmp_path):
+    path, _ = saved
+    data = path.read_bytes()
+    offsets = sorted({1, 4, 30, 100, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 30,
+                      len(data) - 2, len(data) - 1} | {random.Random(1).randrange(1, len(data)) for _ in range(10)})
+    for offset in offsets:
+        damaged = tmp_path / "truncated.pt"
+        damaged.write_bytes(data[:offset])
+        with pytest.raises(CheckpointError) as info:
+            NNHandler.load(damaged)
+        assert isinstance(info.value, (CorruptCheckpointError, NotACheckpointError)), offset
+        assert str(damaged) in str(info.value)
+
+
+def test_every_random_single_bit_flip_is_detected_or_harmless(saved, tmp_path):
+    path, original = saved
+    data = path.read_bytes()
+    rng = random.Random(2026)
+    positions = [rng.randrange(len(data)) for _ in range(60)] + list(range(len(data) - 40, len(data)))
+    detected = harmless = 0
+    for pos in positions:
+        damaged = bytearray(data)
+        damaged[pos] ^= 1 << rng.randrange(8)
+        target = tmp_path / "flipped.pt"
+        target.write_bytes(bytes(damaged))
+        try:
+            loaded = NNHandler.load(target)
+        except CheckpointError:
+            detected += 1
+            continue
+        assert _same_state(loaded, original), f"bit flip at byte {pos} loaded different state without an error"
+        harmless += 1
+    assert detected + harmless == len(positions) and detected >= len(positions) - 5
+
+
+def test_handler_file_without_checksum_record_is_refused(saved, tmp_path):
+    path, _ = saved
+    state = torch.load(path, weights_only=True)
+    plain = tmp_path / "resaved.pt"
+    torch.save(state, plain)  # the same contents, but written without nn_handler's checksum
+    with pytest.raises(CorruptCheckpointError, match="checksum record is missing or damaged"):
+        NNHandler.load(plain)
+
+
+def test_foreign_state_dict_loads_without_checksum_and_says_so(tmp_path, caplog):
+    model = MLP(in_features=4, out_features=2)
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    with caplog.at_level("INFO", logger="nn_handler"):
+        h = NNHandler.initialize_from_checkpoint(path, MLP, in_features=4, out_features=2)
+    assert "no checksum" in caplog.text
+    assert torch.equal(h.module.net[0].weight, model.net[0].weight)
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    path, _ = saved
+    state = read_checkpoint(path)
+    state["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    ckpt_io.atomic_save(state, newer)
+    with pytest.raises(IncompatibleCheckpointError, match="newer nn_handler"):
+        NNHandler.load(newer)
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_save_killed_at_a_dozen_moments_always_leaves_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "loop.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    rng = random.Random(7)
+    for attempt in range(12):
+        proc = subprocess.Popen([sys.executable, "-m", "safety_helpers", str(path)], env=env,
+                                stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+        try:
+            assert proc.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        state = read_checkpoint(path)  # verified: never torn
+        assert torch.equal(state["weights"], torch.full((6_000_000,), float(state["version"])))
+        leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(leftovers) <= 1, leftovers  # the next save cleans up after a killed one
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(saved, tmp_path, monkeypatch):
+    path, original = saved
+    target = tmp_path / "keep.pt"
+    target.write_bytes(path.read_bytes())
+    before = target.read_bytes()
+
+    def full(self, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io._ChunkedCRCWriter, "_write_all", full)
+    with pytest.raises(OSError) as info:
+        original.save(target)
+    assert info.value.errno == errno.ENOSPC and str(target) in str(info.value) and "intact" in str(info.value)
+    assert target.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_permission_error_names_the_path_and_keeps_previous_checkpoint(saved, tmp_path, monkeypatch):
+    path, original = saved
+    target = tmp_path / "keep.pt"
+    target.write_bytes(path.read_bytes())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError) as info:
+        original.save(target)
+    assert str(target) in str(info.value)
+    assert _same_state(NNHandler.load(target), original)
+
+
+def test_loaded_state_is_not_tied_to_a_file_that_a_later_save_replaces(tmp_path):
+    path = tmp_path / "same.pt"
+    h = _trained_handler()
+    h.save(path)
+    loaded = NNHandler.load(path)
+    weights = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    opt_state = {k: {n: t.clone() for n, t in s.items() if torch.is_tensor(t)}
+                 for k, s in loaded.optimizer.state_dict()["state"].items()}
+    h.train(epochs=1, progress_bar=False)
+    h.save(path)  # rewrites the path the loaded handler came from
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.module.state_dict().items())
+    for k, s in loaded.optimizer.state_dict()["state"].items():
+        for n, t in opt_state[k].items():
+            assert torch.equal(s[n], t)
