@@ -6,6 +6,8 @@ plain data in ``specs``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -25,6 +27,20 @@ from .history import History
 
 DeviceLike = Optional[Union[str, torch.device]]
 logger = logging.getLogger("nn_handler")
+
+
+# A module already holding its weights (the checkpoint fast path), used by the next constructor call.
+_PREBUILT: "contextvars.ContextVar[Optional[nn.Module]]" = contextvars.ContextVar("nn_handler_prebuilt", default=None)
+
+
+@contextlib.contextmanager
+def prebuilt_module(module: Optional[nn.Module]):
+    """Make ``NNHandler(...)`` inside the block adopt ``module`` instead of building one."""
+    token = _PREBUILT.set(module)
+    try:
+        yield
+    finally:
+        _PREBUILT.reset(token)
 
 
 class NNHandlerWarning(UserWarning):
@@ -68,7 +84,10 @@ class NNHandler:
         self._model_type = coerce_model_type(model_type)
         self.logger = logger
         self._configure_logging(coerce_logging_mode(logger_mode))
-        module = model_class(**model_kwargs)
+        module = _PREBUILT.get()
+        _PREBUILT.set(None)  # adopted once
+        if module is None:
+            module = model_class(**model_kwargs)
         if not isinstance(module, nn.Module):
             raise TypeError(f"model_class {model_class!r} built a {type(module).__name__}, not an nn.Module")
         self._module = module.to(self._device)
@@ -77,7 +96,11 @@ class NNHandler:
             ids = [self._device.index] if self._device.type == "cuda" else None
             self._model = nn.parallel.DistributedDataParallel(self._module, device_ids=ids)
         # Each component's record: name -> (spec or None, reason it could not be recorded).
-        self._records: Dict[str, Tuple[Optional[dict], Optional[str]]] = {"model": specs.record(model_class, model_kwargs)}
+        # ``load`` rebuilds only nn.Module classes, so a factory function is not recordable.
+        model_record = (specs.record(model_class, model_kwargs) if isinstance(model_class, type) else
+                        (None, f"model_class {getattr(model_class, '__qualname__', model_class)!r} is a function, "
+                               f"not an nn.Module class"))
+        self._records: Dict[str, Tuple[Optional[dict], Optional[str]]] = {"model": model_record}
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._scheduler: Any = None
         self._loss_fn: Optional[Callable] = None
@@ -376,12 +399,20 @@ class NNHandler:
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: DeviceLike = None, strict_load: bool = False,
              skip_optimizer: bool = False, skip_scheduler: bool = False, skip_history: bool = False,
-             skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False) -> "NNHandler":
-        """A handler rebuilt from a file written by ``save``; each ``skip_*`` leaves that part fresh."""
+             skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False, *,
+             model_class: Optional[Callable[..., nn.Module]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+             model_type: Optional[Union[ModelType, str]] = None) -> "NNHandler":
+        """A handler rebuilt from a file written by ``save``; each ``skip_*`` leaves that part fresh.
+
+        The keyword-only ``model_class``/``model_kwargs``/``model_type`` build that model
+        instead of the recorded one (a new head for transfer learning, say); its weights
+        then load under ``strict_load``.
+        """
         from .checkpointing import load
         return load(cls, path, device=device, strict_load=strict_load, skip_optimizer=skip_optimizer,
                     skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
-                    skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)
+                    skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema, model_class=model_class,
+                    model_kwargs=model_kwargs, model_type=model_type)
 
     @classmethod
     def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike], model_class: Callable[..., nn.Module],

@@ -24,3 +24,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class LinearStack(nn.Sequential):
+    """``layers`` square Linear layers of ``width``: a plain, large model for benchmarks."""
+
+    def __init__(self, width: int = 4096, layers: int = 6):
+        super().__init__(*[nn.Linear(width, width) for _ in range(layers)])

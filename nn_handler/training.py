@@ -193,13 +193,22 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                                "not in the file: set it again with h.set_train_loader(dataset) (the recorded loader "
                                f"options {train_slot.options} are reused)")
         raise RuntimeError("no training data: call h.set_train_loader(dataset, batch_size=..., shuffle=True) first")
+    val_slot = h._data["val"]
+    if not val_slot.is_set and val_slot.missing_dataset:
+        raise RuntimeError("the validation dataset was given as an object when the checkpoint was saved, so it is "
+                           "not in the file: set it again with h.set_val_loader(dataset) (the recorded loader "
+                           f"options {val_slot.options} are reused)")
     if h.optimizer is None:
         raise RuntimeError(h._missing("optimizer", "h.set_optimizer(torch.optim.Adam, lr=1e-3)"))
+    lost_metrics = [c.split(":", 1)[1] for c in h._not_restored if c.startswith("metric:")]
+    if lost_metrics:
+        raise RuntimeError(f"the metrics {lost_metrics} were not restored from the checkpoint "
+                           f"({h._not_restored['metric:' + lost_metrics[0]]}): add them again with "
+                           f"h.add_metric(name, fn) so that their history stays aligned with the epochs")
     settings = h._settings
     forward = make_forward(h)
     model, module, optimizer, device = h.model, h.module, h.optimizer, h.device
     loader, sampler = train_slot.loader, train_slot.sampler
-    val_slot = h._data["val"]
     accum = settings.gradient_accumulation_steps
     clip = settings.gradient_clipping_norm
     scaler = h._grad_scaler_for(settings.use_amp)

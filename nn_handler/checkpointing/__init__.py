@@ -19,7 +19,9 @@ from . import format as _format
 from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
                      UnsafeCheckpointError)
 from .io import atomic_save, check_readable_file, safe_load, verify
-from .state import dump, load_model_weights, restore
+from .fastload import build_module_from_weights
+from .state import canonical_state_dict, dump, load_model_weights, restore
+from ..handler import prebuilt_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -81,7 +83,8 @@ def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False
 
 
 def _read(path: PathLike, device: torch.device) -> Any:
-    return read_checkpoint(path, map_location=device)
+    # Memory-mapped: tensors are read on first use, and the fast path adopts them without a copy.
+    return read_checkpoint(path, map_location=device, mmap=True)
 
 
 def read_info(path: PathLike) -> Dict[str, Any]:
@@ -178,7 +181,10 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
     else:
         raise NotACheckpointError(path_str, "no model weights found: expected a state_dict or a dict with "
                                             f"'{_format.MODEL_STATE}'")
-    handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type), **model_kwargs)
-    load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
+    module = build_module_from_weights(model_class, model_kwargs, canonical_state_dict(weights), target)
+    with prebuilt_module(module):
+        handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type), **model_kwargs)
+    if module is None:
+        load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
     distributed.barrier(handler._dist)
     return handler

@@ -52,6 +52,9 @@ _TRAILER = struct.Struct("<10sQQII")  # magic, chunk size, covered length, table
 TRAILER_SIZE = _TRAILER.size
 _PARALLEL_MIN = 4 * 1024 * 1024  # below this a write is hashed inline
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Switches for the benchmarks that measure what the checksum costs; always on otherwise.
+_WRITE_CHECKSUMS = True
+_VERIFY_CHECKSUMS = True
 
 
 def _crc(data, value: int = 0) -> int:
@@ -180,6 +183,14 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "w+b") as f, futures.ThreadPoolExecutor(_WORKERS) as pool:
+            if not _WRITE_CHECKSUMS:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp_name, path)
+                _fsync_dir(directory)
+                return path
             writer = _ChunkedCRCWriter(f, pool)
             torch.save(obj, writer)
             size = writer.offset
@@ -240,6 +251,8 @@ def verify(path: PathLike) -> Verification:
     """Check the file's checksum trailer, if it has one; raise CorruptCheckpointError on any mismatch."""
     path = check_readable_file(path)
     size = path.stat().st_size
+    if not _VERIFY_CHECKSUMS:
+        return Verification(True, size)
     with open(path, "rb") as f:
         head = f.read(4)
         _check_signature(path, head)

@@ -12,9 +12,11 @@ from .. import __version__, rng, specs
 from ..callbacks.base import Callback
 from ..ema import EMA
 from ..enums import coerce_model_type
+from ..handler import prebuilt_module
 from ..training import TrainSettings
 from . import format as F
 from .errors import IncompatibleCheckpointError
+from .fastload import build_module_from_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -42,19 +44,28 @@ def how_to_set(component: str) -> str:
     return HOW_TO_SET.get(component, "its setter")
 
 
-def canonical_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+def canonical_state_dict(state_dict: Dict[str, Any], reference: Optional[Any] = None) -> Dict[str, Any]:
     """Model weights without DDP (``module.``) or torch.compile (``_orig_mod.``) prefixes.
 
     The one place where prefixes from other tools are tolerated; files written here never have them.
+    With ``reference`` (the keys of the model being loaded), a prefix that the model's own keys
+    carry too (a model whose only child is called ``module``) is removed only when that makes
+    more of the keys match.
     """
     state_dict = dict(state_dict)
+    own = None if reference is None else set(reference)
     changed = True
     while changed:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
-            if state_dict and all(k.startswith(prefix) for k in state_dict):
-                consume_prefix_in_state_dict_if_present(state_dict, prefix)
-                changed = True
+            if not (state_dict and all(k.startswith(prefix) for k in state_dict)):
+                continue
+            if own is not None and any(k.startswith(prefix) for k in own):
+                stripped = {k[len(prefix):] for k in state_dict}
+                if len(stripped & own) <= len(set(state_dict) & own):
+                    continue
+            consume_prefix_in_state_dict_if_present(state_dict, prefix)
+            changed = True
     return state_dict
 
 
@@ -63,8 +74,10 @@ def load_model_weights(module: nn.Module, state_dict: Dict[str, Any], strict: bo
     """``module.load_state_dict`` with errors that name keys and shapes, and a warning when not strict."""
     if not isinstance(state_dict, dict):
         raise IncompatibleCheckpointError(path, f"the model weights are a {type(state_dict).__name__}, not a state_dict")
-    state_dict = canonical_state_dict(state_dict)
+    from ..handler import _unwrap
+    module = _unwrap(module)
     own = module.state_dict()
+    state_dict = canonical_state_dict(state_dict, own)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items()
                   if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
@@ -98,6 +111,7 @@ def _component(h: "NNHandler", name: str, state: Any = None) -> Tuple[Optional[D
 
 def dump(h: "NNHandler") -> Dict[str, Any]:
     """The whole handler as tensors and plain containers, readable with ``weights_only=True``."""
+    from ..handler import _unwrap
     unrecorded: Dict[str, str] = {}
 
     def put(name: str, live: Any, state: Any = None) -> Optional[Dict[str, Any]]:
@@ -143,7 +157,7 @@ def dump(h: "NNHandler") -> Dict[str, Any]:
         F.CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         F.WORLD_SIZE: h.world_size,
         F.MODEL: {"spec": model_spec, "model_type": str(h.model_type)},
-        F.MODEL_STATE: canonical_state_dict(h.module.state_dict()),
+        F.MODEL_STATE: dict(_unwrap(h.module).state_dict()),  # the user's own keys, never stripped
         F.OPTIMIZER: put("optimizer", h._optimizer, h._optimizer.state_dict() if h._optimizer else None),
         F.SCHEDULER: put("scheduler", h._scheduler, h._scheduler.state_dict() if h._scheduler else None),
         F.GRAD_SCALER: h._grad_scaler.state_dict() if h._grad_scaler is not None else None,
@@ -189,10 +203,13 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         except specs.SpecError as exc:
             raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
         model_kwargs = recorded_kwargs if model_kwargs is None else model_kwargs
-    h = handler_class(model_class, device=device,
-                      model_type=coerce_model_type(model_type or model_entry.get("model_type")),
-                      **(model_kwargs or {}))
-    load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
+    module = build_module_from_weights(model_class, model_kwargs or {}, state[F.MODEL_STATE], torch.device(device))
+    with prebuilt_module(module):
+        h = handler_class(model_class, device=device,
+                          model_type=coerce_model_type(model_type or model_entry.get("model_type")),
+                          **(model_kwargs or {}))
+    if module is None:
+        load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
     skipped = set()
 
     def attempt(component: str, fn) -> None:
@@ -234,7 +251,12 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         def set_optimizer():
             cls, kwargs = _build(state[F.OPTIMIZER], "optimizer", expected=torch.optim.Optimizer)
             h.set_optimizer(cls, **kwargs)
-            h.optimizer.load_state_dict(state[F.OPTIMIZER]["state"])
+            try:
+                h.optimizer.load_state_dict(state[F.OPTIMIZER]["state"])
+            except (ValueError, KeyError) as exc:  # e.g. model_class= built a model with other parameters
+                h._optimizer = None
+                h._records.pop("optimizer", None)
+                raise specs.SpecError(f"its saved state does not fit this model's parameters ({exc})") from exc
             if state.get(F.GRAD_SCALER) is not None:
                 h._grad_scaler_for(True)
                 if h._grad_scaler is not None:
@@ -290,7 +312,13 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     elif state.get(F.EMA) is not None:
         ema_state = state[F.EMA]
         h._ema = EMA(h.module, ema_state["decay"])
-        h._ema.load_state_dict(ema_state)
+        try:
+            h._ema.load_state_dict(ema_state)
+        except (RuntimeError, KeyError) as exc:  # e.g. model_class= built a model with other parameters
+            h._ema = None
+            h._warn(f"the EMA weights in {path} do not fit this model and were not restored "
+                    f"({' '.join(str(exc).split())}); training starts a new average (decay "
+                    f"{settings.ema_decay}), or pass skip_ema=True")
     h._settings = settings
 
     progress = state.get(F.PROGRESS) or {}
