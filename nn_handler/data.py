@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -14,12 +15,30 @@ from .distributed import DistInfo
 class EpochSampler(DistributedSampler):
     """The order of an epoch is a function of ``(seed, epoch)`` alone, as in DistributedSampler.
 
-    The same class serves one process (``num_replicas=1``, no padding) and DDP, so the
-    data order of a run can be reproduced, and resumed, from two integers.
+    The same class serves one process (``num_replicas=1``) and DDP, so the data order of a
+    run can be reproduced, and resumed, from two integers. Training pads every rank to the
+    same number of samples (DDP needs equal step counts); evaluation (``pad=False``) gives
+    each sample to exactly one rank, so averages over the ranks are exact.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int = 0):
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int = 0,
+                 pad: bool = True):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.pad = pad
+        if not pad:
+            self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.pad:
+            return super().__iter__()
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return iter(order[self.rank::self.num_replicas])
 
 
 @dataclass
@@ -61,7 +80,8 @@ def build_dataset(dataset: Any, what: str, *, from_file: bool) -> Tuple[Any, Opt
     return dataset, None
 
 
-def build_loader(dataset: Any, options: Mapping[str, Any], info: DistInfo) -> Tuple[DataLoader, Optional[EpochSampler]]:
+def build_loader(dataset: Any, options: Mapping[str, Any], info: DistInfo,
+                 pad: bool = True) -> Tuple[DataLoader, Optional[EpochSampler]]:
     opts = dict(options)
     shuffle = bool(opts.pop("shuffle", False))
     if isinstance(dataset, IterableDataset) or "sampler" in opts or "batch_sampler" in opts:
@@ -69,5 +89,5 @@ def build_loader(dataset: Any, options: Mapping[str, Any], info: DistInfo) -> Tu
             raise ValueError("shuffle=True needs a map-style dataset and the handler's own sampler")
         return DataLoader(dataset, **opts), None
     sampler = EpochSampler(dataset, num_replicas=info.world_size if info.enabled else 1,
-                           rank=info.rank if info.enabled else 0, shuffle=shuffle)
+                           rank=info.rank if info.enabled else 0, shuffle=shuffle, pad=pad)
     return DataLoader(dataset, sampler=sampler, **opts), sampler

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
@@ -62,11 +63,25 @@ def setup(use_distributed: Optional[bool]) -> DistInfo:
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if "MASTER_ADDR" not in os.environ and os.environ.get("SLURM_JOB_NODELIST"):
+        # Launched by srun without torchrun: rendezvous on the job's first node.
+        os.environ["MASTER_ADDR"] = first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
+        os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return info
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as ``gpu[03-05,09],cpu1`` (-> ``gpu03``)."""
+    head = nodelist.split(",", 1)[0] if "[" not in nodelist.split(",", 1)[0] else nodelist
+    if "[" not in head:
+        return head.strip()
+    prefix, rest = head.split("[", 1)
+    first = rest.split("]", 1)[0].split(",", 1)[0].split("-", 1)[0]
+    return prefix.strip() + first
 
 
 def resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) -> torch.device:
@@ -96,3 +111,51 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_object(value: Any, info: DistInfo) -> List[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not (info.enabled and dist.is_initialized()):
+        return [value]
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def agree(error: Optional[BaseException], info: DistInfo, what: str, path: Optional[str] = None) -> None:
+    """Every rank says whether its part of ``what`` failed; if any did, every rank raises.
+
+    The failing rank raises its own error; the others raise the same kind of error naming
+    the rank(s) and their message, so no rank is left waiting at a later collective.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    report = None if error is None else (type(error).__name__, str(error), isinstance(error, FileNotFoundError))
+    reports = all_gather_object(report, info)
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    ranks = ", ".join(str(rank) for rank, _ in failed)
+    name, message, missing = failed[0][1]
+    if missing:
+        raise FileNotFoundError(errno.ENOENT, f"{what}: the file is missing on rank(s) {ranks}", path)
+    from .checkpointing.errors import CheckpointError
+    raise CheckpointError(path, f"{what} failed on rank(s) {ranks}: {name}: {message}")
+
+
+def gather_rows(local: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
+    """Reassemble outputs computed on ``range(rank, n, world)`` into dataset order, on every rank."""
+    if not (info.enabled and dist.is_initialized()):
+        return local
+    world = info.world_size
+    per_rank = (n + world - 1) // world
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    # Row i of rank r is sample i * world + r.
+    return torch.stack(parts, dim=1).reshape(per_rank * world, *local.shape[1:])[:n]

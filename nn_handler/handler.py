@@ -300,7 +300,7 @@ class NNHandler:
         if not options and slot.missing_dataset:
             options = dict(slot.options)
         built, spec = build_dataset(dataset, f"{name} dataset", from_file=from_file)
-        loader, sampler = build_loader(built, options, self._dist)
+        loader, sampler = build_loader(built, options, self._dist, pad=name == "train")
         self._data[name] = DataSlot(name, dataset=built, spec=spec, options=dict(options), loader=loader, sampler=sampler)
 
     # ------------------------------------------------------------------ training
@@ -360,10 +360,20 @@ class NNHandler:
     def predict(self, data: Union[torch.Tensor, Dataset, DataLoader], batch_size: int = 256) -> torch.Tensor:
         """The model's outputs for ``data`` (a tensor, Dataset or DataLoader), in order, on the CPU.
 
-        For a dataset of ``(input, target)`` pairs only the inputs are used.
+        For a dataset of ``(input, target)`` pairs only the inputs are used. Under DDP every
+        rank calls it: a tensor or Dataset is split over the ranks (sample i on rank
+        i % world_size) and the outputs are gathered, in dataset order and without padding
+        duplicates, on every rank; a DataLoader is run whole on each rank.
         """
         if self._model_type is ModelType.SCORE_BASED:
             raise RuntimeError("a SCORE_BASED model is called as model(t, x); draw samples instead of predict()")
+        shard = self._dist.enabled and not isinstance(data, DataLoader)
+        total = len(data) if shard else 0
+        original = data
+        if shard:
+            rank, world = self._dist.rank, self._dist.world_size
+            data = data[rank::world] if isinstance(data, torch.Tensor) else \
+                torch.utils.data.Subset(data, range(rank, total, world))
         if isinstance(data, torch.Tensor):
             batches = data.split(batch_size)
         elif isinstance(data, DataLoader):
@@ -378,12 +388,21 @@ class NNHandler:
             with training.autocast_context(self, self._settings.use_amp):
                 for batch in batches:
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    outputs.append(module(training.to_device(x, self._device)).float().cpu())
+                    outputs.append(module(training.to_device(x, self._device)).float())
         finally:
             module.train(was_training)
+        if shard:
+            if not outputs:  # fewer samples than ranks: this rank's rows are all padding
+                if total == 0:
+                    raise ValueError("predict() got no data")
+                probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
+                x = probe[0] if isinstance(probe, (list, tuple)) else probe
+                x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
+                outputs.append(module(training.to_device(x, self._device)).float()[:0])
+            return distributed.gather_rows(torch.cat(outputs), total, self._dist).cpu()
         if not outputs:
             raise ValueError("predict() got no data")
-        return torch.cat(outputs)
+        return torch.cat(outputs).cpu()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:

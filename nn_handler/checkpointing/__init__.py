@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 
-from .. import distributed
+from .. import distributed, rng
 from ..specs import plain_problem
 from ..specs import split as specs_split
 from ..enums import ModelType, coerce_model_type
@@ -40,14 +40,16 @@ DeviceLike = Optional[Union[str, torch.device]]
 def save(handler: "NNHandler", path: PathLike) -> None:
     """Write the handler to ``path`` atomically.
 
-    Under DDP rank 0 writes while the others wait at a barrier; an error on rank 0 is
-    raised on every rank.
+    Under DDP every rank calls it: the ranks' random states are gathered, rank 0 writes,
+    and the others wait until the file is complete; an error on rank 0 is raised on every
+    rank.
     """
     info = handler._dist
-    error: Optional[str] = None
+    rng_states = distributed.all_gather_object(rng.capture(), info)
+    error: Optional[BaseException] = None
     if info.is_main:
         try:
-            state = dump(handler)
+            state = dump(handler, rng_states)
             for component, reason in state[_format.UNRECORDED].items():
                 handler._warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); "
                               f"after loading, set it again")
@@ -56,12 +58,8 @@ def save(handler: "NNHandler", path: PathLike) -> None:
                 raise TypeError(f"cannot write {os.fspath(path)}: {problem}")
             atomic_save(state, path)
         except Exception as exc:
-            if not info.enabled:
-                raise
-            error = f"{type(exc).__name__}: {exc}"
-    error = distributed.broadcast_object(error, info)
-    if error is not None:
-        raise RuntimeError(f"saving {os.fspath(path)} failed on rank 0: {error}")
+            error = exc
+    distributed.agree(error, info, f"saving {os.fspath(path)}", os.fspath(path))
 
 
 def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False) -> Any:
@@ -151,14 +149,23 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
     ``model_class``/``model_kwargs``/``model_type`` build that model instead of the
     recorded one (its weights then load under ``strict_load``).
     """
-    info = distributed.env_topology()
+    info = distributed.setup(None)  # join the job first, so that all ranks can agree on the outcome
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(path)
-    state = _format.check_and_migrate(_read(path, target), path_str)
-    handler = restore(handler_class, state, path_str, target, strict_load, skip_optimizer, skip_scheduler,
-                      skip_history, skip_callbacks, skip_sampler_sde, skip_ema, model_class=model_class,
-                      model_kwargs=model_kwargs, model_type=model_type)
-    distributed.barrier(handler._dist)
+    state, error = None, None
+    try:
+        state = _format.check_and_migrate(_read(path, target), path_str)
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
+    handler, error = None, None
+    try:
+        handler = restore(handler_class, state, path_str, target, strict_load, skip_optimizer, skip_scheduler,
+                          skip_history, skip_callbacks, skip_sampler_sde, skip_ema, model_class=model_class,
+                          model_kwargs=model_kwargs, model_type=model_type)
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, f"restoring from {path_str}", path_str)
     return handler
 
 
@@ -170,21 +177,31 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
     The file is a bare state_dict or a dict with ``model_state_dict`` (a handler file);
     optimizer, scheduler, history and the rest are not loaded.
     """
-    info = distributed.env_topology()
+    info = distributed.setup(None)
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(checkpoint_path)
-    obj = _read(checkpoint_path, target)
-    if isinstance(obj, dict) and isinstance(obj.get(_format.MODEL_STATE), dict):
-        weights = obj[_format.MODEL_STATE]
-    elif isinstance(obj, dict) and _format._looks_like_state_dict(obj):
-        weights = obj
-    else:
-        raise NotACheckpointError(path_str, "no model weights found: expected a state_dict or a dict with "
-                                            f"'{_format.MODEL_STATE}'")
-    module = build_module_from_weights(model_class, model_kwargs, canonical_state_dict(weights), target)
-    with prebuilt_module(module):
-        handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type), **model_kwargs)
-    if module is None:
-        load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
-    distributed.barrier(handler._dist)
+    weights, error = None, None
+    try:
+        obj = _read(checkpoint_path, target)
+        if isinstance(obj, dict) and isinstance(obj.get(_format.MODEL_STATE), dict):
+            weights = obj[_format.MODEL_STATE]
+        elif isinstance(obj, dict) and _format._looks_like_state_dict(obj):
+            weights = obj
+        else:
+            raise NotACheckpointError(path_str, "no model weights found: expected a state_dict or a dict with "
+                                                f"'{_format.MODEL_STATE}'")
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
+    handler, error = None, None
+    try:
+        module = build_module_from_weights(model_class, model_kwargs, canonical_state_dict(weights), target)
+        with prebuilt_module(module):
+            handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type),
+                                    **model_kwargs)
+        if module is None:
+            load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, f"loading weights from {path_str}", path_str)
     return handler

@@ -109,8 +109,11 @@ def _component(h: "NNHandler", name: str, state: Any = None) -> Tuple[Optional[D
     return entry, None
 
 
-def dump(h: "NNHandler") -> Dict[str, Any]:
-    """The whole handler as tensors and plain containers, readable with ``weights_only=True``."""
+def dump(h: "NNHandler", rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The whole handler as tensors and plain containers, readable with ``weights_only=True``.
+
+    ``rng_states`` are every rank's random states, in rank order (this process's alone by default).
+    """
     from ..handler import _unwrap
     unrecorded: Dict[str, str] = {}
 
@@ -171,7 +174,7 @@ def dump(h: "NNHandler") -> Dict[str, Any]:
         F.SETTINGS: h._settings.to_dict(),
         F.PROGRESS: {"epoch": h.epoch, "global_step": h.global_step, "data_seed": h._data_seed},
         F.DATA: data,
-        F.RNG: rng.capture(),
+        F.RNG: list(rng_states) if rng_states is not None else [rng.capture()],  # one per rank
         F.UNRECORDED: unrecorded,
     }
 
@@ -332,6 +335,12 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         h._not_restored[component] = f"not recorded when {path} was saved: {reason}"
         h._warn(f"{component} was not recorded in {path} ({reason}); set it again with {how_to_set(component)}")
 
-    if state.get(F.RNG):
-        rng.restore(state[F.RNG])  # last: building the components above draws random numbers
+    saved_world = int(state.get(F.WORLD_SIZE) or 1)
+    if saved_world != h.world_size:
+        h._warn(f"{path} was saved by {saved_world} process(es) and is loaded by {h.world_size}: training goes on, "
+                f"but the data order differs from the original run and random states are restored only for "
+                f"ranks below {min(saved_world, h.world_size)}")
+    rng_states = state.get(F.RNG) or []
+    if h.rank < len(rng_states):
+        rng.restore(rng_states[h.rank])  # last: building the components above draws random numbers
     return h
