@@ -105,7 +105,7 @@ def make_forward(h: "NNHandler") -> Callable[[Any], Tuple[torch.Tensor, Any, Any
         def forward(batch):
             x, y = batch[0], batch[1]
             out = model(x)
-            return loss_fn(out, y), out, y, _batch_size(x)
+            return loss_fn(out, y), out, y, (len(x) if type(x) is torch.Tensor else _batch_size(x))
         return forward
 
     if model_type is ModelType.SCORE_BASED:
@@ -140,20 +140,40 @@ def autocast_context(h: "NNHandler", enabled: bool):
 
 
 class _Averages:
-    """Sample-weighted sums of the loss and each metric over an epoch."""
+    """Sample-weighted sums of the loss and each metric over an epoch.
+
+    Per step only the detached loss is appended to a list (no ``.item()``, so no device
+    sync, and no tensor arithmetic); the list is folded into a float64 total every
+    ``_FOLD`` steps and at the end.
+    """
+
+    _FOLD = 1024
 
     def __init__(self, device: torch.device, metric_names: List[str]):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.device = device
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.losses: List[torch.Tensor] = []
+        self.sizes: List[int] = []
         self.count = 0
         self.metrics = {name: 0.0 for name in metric_names}
 
     def add(self, loss: torch.Tensor, n: int) -> None:
-        self.loss.add_(loss.detach(), alpha=n)
-        self.count += n
+        self.losses.append(loss.detach())
+        self.sizes.append(n)
+        if len(self.losses) >= self._FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.losses:
+            weights = torch.tensor(self.sizes, dtype=torch.float64, device=self.device)
+            self.total += torch.stack(self.losses).to(torch.float64).reshape(-1) @ weights
+            self.count += sum(self.sizes)
+            self.losses, self.sizes = [], []
 
     def reduce(self, h: "NNHandler") -> Tuple[float, Dict[str, float]]:
         """Exact averages over every sample seen, summed over ranks."""
-        totals = torch.tensor([self.loss.item(), float(self.count), *self.metrics.values()], dtype=torch.float64)
+        self._fold()
+        totals = torch.tensor([self.total.item(), float(self.count), *self.metrics.values()], dtype=torch.float64)
         from .distributed import all_reduce_sum
         totals = all_reduce_sum(totals.to(h.device) if h.device.type == "cuda" else totals, h._dist).cpu()
         count = totals[1].item()
@@ -240,10 +260,25 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
         if ema is not None:
             ema.update(module)
 
+    amp = settings.use_amp
+    move = device.type != "cpu"  # DataLoader batches are already in host memory
+
+    def micro_step(batch):
+        if amp:
+            with autocast_context(h, True):
+                loss, out, y, n = forward(batch)
+        else:
+            loss, out, y, n = forward(batch)
+        scaled = loss / accum if accum > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss, out, y, n
+
+    batch_begin, batch_end = hooks["on_batch_begin"], hooks["on_batch_end"]
+    show_bar = progress_bar and h._dist.is_main
     h.stop_training = False
     for cb in callbacks:
         cb.on_train_begin(h)
-    bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=not (progress_bar and h._dist.is_main),
+    bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=not show_bar,
                unit="batch", dynamic_ncols=True, mininterval=0.5, leave=True)
     try:
         for _ in range(epochs):
@@ -259,31 +294,36 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
             optimizer.zero_grad(set_to_none=True)
             pending = 0
             step_in_epoch = -1
+            add = sums.add
             for step_in_epoch, batch in enumerate(loader):
-                for cb in hooks["on_batch_begin"]:
-                    cb.on_batch_begin(h, step_in_epoch)
-                batch = to_device(batch, device, non_blocking)
+                # The per-step path: nothing here that a hand-written loop would not do,
+                # unless a feature that needs it is on.
+                if batch_begin:
+                    for cb in batch_begin:
+                        cb.on_batch_begin(h, step_in_epoch)
+                if move:
+                    batch = to_device(batch, device, non_blocking)
                 pending += 1
-                last_micro = pending == accum or (steps_per_epoch is not None and step_in_epoch + 1 == steps_per_epoch)
-                sync = contextlib.nullcontext() if (last_micro or not distributed) else model.no_sync()
-                with sync:
-                    with autocast_context(h, settings.use_amp):
-                        loss, out, y, n = forward(batch)
-                    scaled = loss / accum if accum > 1 else loss
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                last_micro = pending == accum or step_in_epoch + 1 == steps_per_epoch
+                if distributed and not last_micro:
+                    with model.no_sync():  # accumulate locally; gradients sync on the updating step
+                        loss, out, y, n = micro_step(batch)
+                else:
+                    loss, out, y, n = micro_step(batch)
                 if last_micro:
                     optimizer_step()
                     pending = 0
-                sums.add(loss, n)
+                add(loss, n)
                 if metrics:
                     with torch.no_grad():
                         for name, fn in metrics.items():
                             sums.metrics[name] += float(fn(out.detach(), y)) * n
-                if hooks["on_batch_end"]:
+                if batch_end:
                     logs = {"loss": loss.detach(), "batch_size": n, "global_step": h.global_step}
-                    for cb in hooks["on_batch_end"]:
+                    for cb in batch_end:
                         cb.on_batch_end(h, step_in_epoch, logs)
-                bar.update(1)
+                if show_bar:
+                    bar.update(1)
             if pending:  # an iterable dataset's last, partial accumulation group
                 optimizer_step()
             if step_in_epoch < 0:
