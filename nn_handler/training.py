@@ -263,13 +263,15 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
     amp = settings.use_amp
     move = device.type != "cpu"  # DataLoader batches are already in host memory
 
+    divisor = accum
+
     def micro_step(batch):
         if amp:
             with autocast_context(h, True):
                 loss, out, y, n = forward(batch)
         else:
             loss, out, y, n = forward(batch)
-        scaled = loss / accum if accum > 1 else loss
+        scaled = loss / divisor if accum > 1 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss, out, y, n
 
@@ -303,6 +305,10 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                         cb.on_batch_begin(h, step_in_epoch)
                 if move:
                     batch = to_device(batch, device, non_blocking)
+                if pending == 0 and accum > 1:
+                    # The mean over the group that this step starts: the last group of an
+                    # epoch may be short, and its gradient is still an average.
+                    divisor = accum if steps_per_epoch is None else min(accum, steps_per_epoch - step_in_epoch)
                 pending += 1
                 last_micro = pending == accum or step_in_epoch + 1 == steps_per_epoch
                 if distributed and not last_micro:
