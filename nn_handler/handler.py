@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -116,6 +116,8 @@ class NNHandler:
         self._data_seed: Optional[int] = None
         # Components a loaded checkpoint could not restore: name -> why (told again when they are needed).
         self._not_restored: Dict[str, str] = {}
+        # Plain data saved with every checkpoint and restored by load: run id, lineage, the run's config.
+        self.metadata: Dict[str, Any] = {}
         self.epoch = 0
         self.global_step = 0
         self.stop_training = False
@@ -306,18 +308,21 @@ class NNHandler:
     # ------------------------------------------------------------------ training
     def train(self, epochs: int, validate_every: Optional[int] = None, gradient_accumulation_steps: Optional[int] = None,
               use_amp: Optional[bool] = None, gradient_clipping_norm: Optional[float] = None,
-              ema_decay: Optional[float] = None, seed: Optional[int] = None, progress_bar: bool = True) -> None:
+              ema_decay: Optional[float] = None, seed: Optional[int] = None, progress_bar: bool = True, *,
+              validate_with_ema: Optional[bool] = None) -> None:
         """Train ``epochs`` more epochs.
 
         A setting left as None keeps what the handler has (after ``load``, what was saved).
         ``ema_decay=0`` turns EMA off, ``gradient_clipping_norm=0`` turns clipping off.
         ``seed`` re-seeds every random stream (and the data order) at the start of this call.
+        ``validate_with_ema=True`` computes the validation loss and metrics with the EMA
+        weights (when EMA is on); the live weights are put back bit for bit after.
         """
         if int(epochs) < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs!r}")
         self._settings = self._settings.updated(
             validate_every=validate_every, gradient_accumulation_steps=gradient_accumulation_steps, use_amp=use_amp,
-            gradient_clipping_norm=gradient_clipping_norm, ema_decay=ema_decay)
+            gradient_clipping_norm=gradient_clipping_norm, ema_decay=ema_decay, validate_with_ema=validate_with_ema)
         if ema_decay is not None and not ema_decay:
             self._settings.ema_decay = None
         if gradient_clipping_norm is not None and not gradient_clipping_norm:
@@ -342,6 +347,82 @@ class NNHandler:
             self._ema = EMA(self._module, decay)
             self._ema.load_state_dict({**state, "decay": decay})
         return self._ema
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[nn.Module]:
+        """Inside the block the model holds its EMA weights; the live weights come back after.
+
+        >>> with h.ema_weights():
+        ...     h.predict(x)          # or evaluate, sample, export a copy of h.module.state_dict()
+        """
+        if self._ema is None:
+            raise RuntimeError("no EMA weights: train with ema_decay=0.999 (say), or load a checkpoint saved "
+                               "with EMA (without skip_ema=True)")
+        with self._ema.swapped_into(self._module) as module:
+            yield module
+
+    def sample(self, shape: Sequence[int], steps: int = 500, corrector_steps: int = 0, seed: Optional[int] = None,
+               *, use_ema: bool = True, progress_bar: Optional[bool] = None, **options: Any) -> torch.Tensor:
+        """``shape[0]`` samples of shape ``shape[1:]`` from the model, on the CPU.
+
+        Uses the sampler set with ``set_sampler`` or, for a SCORE_BASED model, the default
+        :class:`~nn_handler.sampler.EulerMaruyama` predictor (``steps`` steps from ``T`` to
+        ``eps`` of the SDE set with ``set_sde``) with ``corrector_steps`` Langevin corrector
+        steps per time. ``seed`` makes the samples reproducible (every random number comes
+        from a generator seeded with it); None draws from the global random stream. With EMA
+        on (and ``use_ema``) the EMA weights are used and the live weights are left as they
+        were. ``progress_bar=None`` shows a bar on rank 0 for long runs (>= 200 model calls).
+        ``options`` go to the sampler (``snr=`` for the default one).
+
+        Under DDP every rank must call it: each rank draws its share of the samples (rows
+        ``rank, rank + world, ...``, with its own seed derived from ``seed``) and every rank
+        gets all of them, gathered in that order.
+        """
+        from .sampler import EulerMaruyama
+        shape = tuple(int(d) for d in shape)
+        if not shape or shape[0] < 1:
+            raise ValueError(f"shape must start with the number of samples (>= 1), got {shape!r}")
+        if self._model_type not in (ModelType.SCORE_BASED, ModelType.GENERATIVE):
+            raise RuntimeError(f"sample() is for SCORE_BASED and GENERATIVE models; this handler's model_type is "
+                               f"{self._model_type}")
+        sampler = self._sampler
+        if sampler is None:
+            if self._model_type is not ModelType.SCORE_BASED:
+                raise RuntimeError(self._missing("sampler", "h.set_sampler(YourSampler, **kwargs), a subclass of "
+                                                            "nn_handler.sampler.Sampler"))
+            if self._sde is None:
+                raise RuntimeError(self._missing("sde", "h.set_sde(nn_handler.sde.VPSDE, beta_min=0.1, beta_max=20)"))
+            sampler = EulerMaruyama()
+        if not callable(getattr(sampler, "sample", None)):
+            raise TypeError(f"the sampler {type(sampler).__name__} has no sample() method; subclass "
+                            f"nn_handler.sampler.Sampler")
+        n, rank, world = shape[0], self._dist.rank, self._dist.world_size
+        local_shape = (len(range(rank, n, world)), *shape[1:])
+        generator: Optional[torch.Generator] = None
+        if seed is not None or self._dist.enabled:
+            if seed is None:  # ranks seeded alike must still draw different samples
+                seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+            generator = torch.Generator(device=self._device)
+            generator.manual_seed((int(seed) + 1_000_003 * rank) % 2 ** 63)
+        if progress_bar is None:
+            progress_bar = int(steps) * (1 + int(corrector_steps)) >= 200
+        module = self._module
+        was_training = module.training
+        ema = self._ema.swapped_into(module) if (use_ema and self._ema is not None) else contextlib.nullcontext()
+        module.eval()
+        try:
+            with ema, torch.no_grad():
+                local = sampler.sample(module, self._sde, local_shape, int(steps), corrector_steps=int(corrector_steps),
+                                       generator=generator, device=self._device,
+                                       progress_bar=bool(progress_bar) and self._dist.is_main, **options)
+        finally:
+            module.train(was_training)
+        if tuple(local.shape) != local_shape:
+            raise RuntimeError(f"{type(sampler).__name__}.sample returned shape {tuple(local.shape)}, "
+                               f"expected {local_shape}")
+        if self._dist.enabled:
+            local = distributed.gather_rows(local.contiguous(), n, self._dist)
+        return local.cpu()
 
     def _grad_scaler_for(self, use_amp: bool) -> Optional[torch.amp.GradScaler]:
         """A GradScaler for float16 autocast on CUDA; CPU autocast uses bfloat16 and needs none."""
@@ -403,6 +484,19 @@ class NNHandler:
         if not outputs:
             raise ValueError("predict() got no data")
         return torch.cat(outputs).cpu()
+
+    # ------------------------------------------------------------------ pictures
+    def plot_losses(self, path: Union[str, os.PathLike]) -> None:
+        """Write the training (and validation) loss per epoch as a PNG (matplotlib, headless)."""
+        from .plotting import plot_losses
+        if self._dist.is_main:
+            plot_losses(self, path)
+
+    def plot_metrics(self, path: Union[str, os.PathLike]) -> None:
+        """Write each metric per epoch, training and validation, as a PNG (matplotlib, headless)."""
+        from .plotting import plot_metrics
+        if self._dist.is_main:
+            plot_metrics(self, path)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:

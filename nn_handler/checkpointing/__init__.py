@@ -18,7 +18,8 @@ from ..enums import ModelType, coerce_model_type
 from . import format as _format
 from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
                      UnsafeCheckpointError)
-from .io import atomic_save, check_readable_file, safe_load, verify
+from .inspect import diff, inspect
+from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
 from .fastload import build_module_from_weights
 from .state import canonical_state_dict, dump, load_model_weights, restore
 from ..handler import prebuilt_module
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
 
 __all__ = [
-    "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint",
+    "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint", "inspect", "diff", "file_checksum",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]

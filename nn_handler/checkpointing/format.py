@@ -31,6 +31,7 @@ PROGRESS = "progress"  # {"epoch", "global_step", "data_seed"}
 DATA = "data"  # {"train": {"dataset": spec or None, "options": {...}}, "val": ...}
 RNG = "rng"
 UNRECORDED = "unrecorded"  # component -> why it could not be recorded
+METADATA = "metadata"  # plain data about the run: run id, lineage, the resolved run config (h.metadata)
 
 # version -> function upgrading a state of that version to version + 1.
 MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {}

@@ -227,6 +227,21 @@ class Verification:
     size: int
 
 
+def file_checksum(path: PathLike) -> Optional[str]:
+    """The checksum a file written by ``atomic_save`` carries (read from its trailer only), or None."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < TRAILER_SIZE + 24:
+        return None
+    with open(path, "rb") as f:
+        f.seek(size - TRAILER_SIZE)
+        trailer = f.read(TRAILER_SIZE)
+    if not trailer.startswith(_TRAILER_MAGIC):
+        return None
+    _, chunk_size, covered, table_crc, _ = _TRAILER.unpack(trailer)
+    return f"crc32c:{covered}:{chunk_size}:{table_crc:08x}"
+
+
 def check_readable_file(path: PathLike) -> Path:
     """Raise the right error for a path that is missing, a directory, or empty."""
     path = Path(path)

@@ -176,6 +176,7 @@ def dump(h: "NNHandler", rng_states: Optional[List[Dict[str, Any]]] = None) -> D
         F.DATA: data,
         F.RNG: list(rng_states) if rng_states is not None else [rng.capture()],  # one per rank
         F.UNRECORDED: unrecorded,
+        F.METADATA: dict(h.metadata),
     }
 
 
@@ -324,6 +325,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                     f"{settings.ema_decay}), or pass skip_ema=True")
     h._settings = settings
 
+    h.metadata = dict(state.get(F.METADATA) or {})
     progress = state.get(F.PROGRESS) or {}
     h.epoch = int(progress.get("epoch", 0))
     h.global_step = int(progress.get("global_step", 0))
@@ -341,6 +343,8 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                 f"but the data order differs from the original run and random states are restored only for "
                 f"ranks below {min(saved_world, h.world_size)}")
     rng_states = state.get(F.RNG) or []
+    if isinstance(rng_states, dict):  # files written before states were kept per rank
+        rng_states = [rng_states]
     if h.rank < len(rng_states):
         rng.restore(rng_states[h.rank])  # last: building the components above draws random numbers
     return h

@@ -1,0 +1,234 @@
+"""Where the runner runs: one process, a torchrun rank, or workers it starts itself.
+
+- Under torchrun every rank runs ``python -m runner`` with the same arguments. Before
+  Hydra composes anything, the ranks join the process group and take rank 0's clock, so
+  the timestamped run directory is ONE directory (``${runner_now:}`` in config.yaml); only
+  rank 0 writes Hydra's files (``${runner_hydra_subdir:}``) and each rank logs to its own
+  file (``${runner_log_file:}``).
+- ``launcher.nproc_per_node=N`` (N > 1) in a plain process starts N workers through
+  ``torch.distributed``'s elastic launch, per Hydra job: each sweep job of ``-m`` is its
+  own distributed run, and the composed config is handed to the workers as it is.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from nn_handler.distributed import env_topology
+
+from .errors import RunnerError
+
+log = logging.getLogger("runner")
+
+LOG_NAME = "runner"
+_run_time: Optional[float] = None
+
+
+# ---------------------------------------------------------------------------- resolvers
+def _now(pattern: str) -> str:
+    """Hydra's ``${now:pattern}``, but one time per process, shared by all torchrun ranks."""
+    global _run_time
+    if _run_time is None:
+        _run_time = time.time()
+    return datetime.datetime.fromtimestamp(_run_time).strftime(pattern)
+
+
+def _rank() -> int:
+    return env_topology().rank
+
+
+def _hydra_subdir() -> Optional[str]:
+    return ".hydra" if _rank() == 0 else None
+
+
+def _log_file() -> str:
+    rank = _rank()
+    return f"{LOG_NAME}.log" if rank == 0 else f"{LOG_NAME}.rank{rank}.log"
+
+
+OmegaConf.register_new_resolver("runner_now", _now, replace=True)
+OmegaConf.register_new_resolver("runner_hydra_subdir", _hydra_subdir, replace=True)
+OmegaConf.register_new_resolver("runner_log_file", _log_file, replace=True)
+
+
+# ---------------------------------------------------------------------------- the run's context
+@dataclass
+class RunContext:
+    """What a task needs to know about where it runs (plain data: it travels to workers)."""
+
+    output_dir: str  # Hydra's output directory of this job (absolute)
+    launch_dir: str  # where the user launched the command: relative paths resolve against it
+    overrides: List[str] = field(default_factory=list)  # the job's command-line overrides
+
+    @classmethod
+    def from_hydra(cls) -> "RunContext":
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return cls(output_dir=os.path.abspath(hc.runtime.output_dir), launch_dir=hc.runtime.cwd,
+                   overrides=list(hc.overrides.task))
+
+    def given(self, key: str) -> bool:
+        """Whether the user overrode ``key`` (or a key below it) on the command line."""
+        for override in self.overrides:
+            name = override.split("=", 1)[0].lstrip("+~")
+            if name == key or name.startswith(key + "."):
+                return True
+        return False
+
+
+# ---------------------------------------------------------------------------- process group
+def _backend() -> str:
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group() -> None:
+    """Join the group torchrun / elastic launch describes (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    if dist.is_initialized():
+        return
+    info = env_topology()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=_backend(), timeout=datetime.timedelta(minutes=30))
+
+
+def join_torchrun(argv: Optional[List[str]] = None) -> None:
+    """Under torchrun: refuse a sweep in every rank, join the group, share rank 0's clock."""
+    global _run_time
+    info = env_topology()
+    if not info.enabled:
+        return
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        sys.stderr.write("runner: -m/--multirun under torchrun would run the whole sweep inside every rank; "
+                         "run the sweep without torchrun and set launcher.nproc_per_node=N instead "
+                         "(each sweep job is then its own distributed run)\n")
+        sys.exit(2)
+    _init_process_group()
+    box: List[Any] = [time.time()]
+    dist.broadcast_object_list(box, src=0)
+    _run_time = float(box[0])
+
+
+def leave() -> None:
+    """Close the process group (every exit path of ``python -m runner``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- running a job
+def _quiet_console_on_other_ranks() -> None:
+    """Ranks other than 0 keep their full log in their own file; the terminal gets warnings only."""
+    if _rank() == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    """The Hydra task function's body: run the task here, or start workers that do."""
+    from . import tasks
+
+    ctx = RunContext.from_hydra()
+    _quiet_console_on_other_ranks()
+    nproc = int(cfg.launcher.nproc_per_node)
+    if nproc < 1:
+        raise RunnerError(f"launcher.nproc_per_node must be >= 1, got {nproc}")
+    if nproc > 1:
+        if env_topology().enabled:
+            log.warning("launcher.nproc_per_node=%d ignored: already running as rank %d of %d under torchrun",
+                        nproc, _rank(), env_topology().world_size)
+        else:
+            return self_launch(cfg, ctx, nproc)
+    return tasks.run(cfg, ctx)
+
+
+def _failure_message(exc: Exception) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    parts = []
+    for rank, failure in sorted(failures.items()):
+        message = getattr(failure, "message", "")
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        message = str(message).strip()
+        if not message or message.startswith("To enable traceback"):
+            message = f"exit code {getattr(failure, 'exitcode', '?')}"
+        parts.append(f"rank {rank}: {message}")
+    return "; ".join(parts) or str(exc)
+
+
+def _quiet_elastic() -> None:
+    """The agent's own logs (and its traceback of a failed worker) stay out of the terminal:
+    the RunnerError raised below says what failed. HYDRA_FULL_ERROR=1 keeps them."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class _NotOnConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[str, Any]]:
+    """Run this job as ``nproc`` local workers through torch.distributed's elastic launch."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runner-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
+    # As torchrun does: one thread per worker unless told otherwise, or N workers oversubscribe the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _quiet_elastic()
+    log.info("starting %d workers (elastic launch); per-rank logs in %s", nproc, ctx.output_dir)
+    try:
+        results = elastic_launch(config, _worker)(container, ctx)
+    except ChildFailedError as exc:
+        raise RunnerError(f"the distributed run failed ({_failure_message(exc)}); "
+                          f"the rank logs are in {ctx.output_dir}") from exc
+    return results.get(0) if results else None
+
+
+def _setup_worker_logging(output_dir: str, rank: int) -> None:
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    os.makedirs(output_dir, exist_ok=True)
+    file_handler = logging.FileHandler(os.path.join(output_dir, _log_file()))
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler()
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.addFilter(_NotOnConsole())  # a worker's error is told once, by the parent
+    root.handlers[:] = [file_handler, console]
+
+
+def _worker(container: Dict[str, Any], ctx: RunContext) -> Optional[Dict[str, Any]]:
+    """One self-launched rank: the composed config, the job's directory, the process group."""
+    from . import tasks
+
+    _setup_worker_logging(ctx.output_dir, _rank())
+    cfg = OmegaConf.create(container)
+    _init_process_group()
+    try:
+        return tasks.run(cfg, ctx)
+    except RunnerError as exc:
+        log.error("%s", exc, extra={"file_only": True})
+        raise
+    finally:
+        leave()

@@ -1,0 +1,102 @@
+"""The structured config: dataclasses registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` starts its defaults list with ``runner_schema``, so every YAML file
+and every command-line override is merged into these dataclasses: a misspelled key or a
+value of the wrong type fails while the config is composed, before any work, naming the
+key. Component groups (``model``, ``optimizer``, ``scheduler``, ``loss``, the dataset specs)
+are open mappings: a ``_target_`` plus whatever keyword arguments the target takes, checked
+when the runner builds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SCHEMA_NAME = "runner_schema"
+
+
+@dataclass
+class CheckpointConf:
+    # The file to load (resume, finetune, infer), or a run directory holding checkpoints/last.pth.
+    # A relative path is relative to the directory the command was launched from.
+    path: Optional[str] = None
+    # Also save checkpoints/epoch_NNNN.pth every this many epochs (0: only checkpoints/last.pth).
+    save_every: int = 0
+
+
+@dataclass
+class LoadConf:
+    """Passed straight to ``NNHandler.load`` (``strict`` is ``strict_load``)."""
+
+    strict: bool = False
+    skip_optimizer: bool = False
+    skip_scheduler: bool = False
+    skip_history: bool = False
+    skip_callbacks: bool = False
+    skip_sampler_sde: bool = False
+    skip_ema: bool = False
+
+
+@dataclass
+class TrainConf:
+    """``NNHandler.train`` arguments. None keeps what the handler has (after a load: what was saved)."""
+
+    epochs: int = 10
+    validate_every: Optional[int] = None
+    ema_decay: Optional[float] = None
+    use_amp: Optional[bool] = None
+    gradient_accumulation_steps: Optional[int] = None
+    gradient_clipping_norm: Optional[float] = None
+    progress_bar: bool = True  # a tqdm bar per epoch on rank 0, shown only on a terminal
+
+
+@dataclass
+class DataConf:
+    """Dataset specs (``_target_`` + kwargs building a torch Dataset) and loader options.
+
+    Left as null, ``train``/``val`` mean "the datasets recorded in the checkpoint" (resume,
+    finetune, infer), and the loader options mean "the recorded ones" (or the defaults:
+    batch_size 64, num_workers 0).
+    """
+
+    train: Optional[Dict[str, Any]] = None
+    val: Optional[Dict[str, Any]] = None
+    predict: Optional[Dict[str, Any]] = None
+    batch_size: Optional[int] = None
+    val_batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
+    pin_memory: Optional[bool] = None
+    drop_last: Optional[bool] = None
+
+
+@dataclass
+class LauncherConf:
+    # More than 1: start this many local workers through torch.distributed's elastic launch.
+    nproc_per_node: int = 1
+
+
+@dataclass
+class RunnerConfig:
+    task: str = "train"  # set by the task group: train | resume | finetune | infer
+    # The model class as a _target_ plus its constructor kwargs; empty means "the one recorded
+    # in the checkpoint" (resume, finetune, infer).
+    model: Dict[str, Any] = field(default_factory=dict)
+    model_type: Optional[str] = None  # classification | regression | generative | score_based; null: recorded or classification
+    data: DataConf = field(default_factory=DataConf)
+    optimizer: Dict[str, Any] = field(default_factory=dict)
+    scheduler: Optional[Dict[str, Any]] = None
+    loss: Optional[Dict[str, Any]] = None
+    # name -> import path of fn(predictions, targets) -> float
+    metrics: Dict[str, str] = field(default_factory=dict)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    load: LoadConf = field(default_factory=LoadConf)
+    device: Optional[str] = None  # null: cuda:LOCAL_RANK under DDP, else cuda when available, else cpu
+    seed: Optional[int] = 0  # null: do not re-seed (a resume continues the saved random streams)
+    train: TrainConf = field(default_factory=TrainConf)
+    launcher: LauncherConf = field(default_factory=LauncherConf)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunnerConfig)

@@ -1,0 +1,432 @@
+"""The four tasks as load policies over NNHandler: what to build, what to restore, then train or predict.
+
+- train:    a fresh handler from the config.
+- resume:   ``NNHandler.load`` with the load flags; the model must be the recorded one.
+- finetune: ``NNHandler.load`` into the configured (or recorded) model; optimizer and
+            scheduler from the config (the task skips the saved ones by default).
+- infer:    ``NNHandler.initialize_from_checkpoint``; predictions and, with targets, metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from nn_handler import NNHandler, rng, specs
+from nn_handler.checkpointing import CheckpointError, read_info
+
+from . import reporting
+from .callbacks import EpochProgressBar, PeriodicCheckpoint
+from .errors import RunnerError
+from .launch import RunContext
+
+log = logging.getLogger("runner")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pth"
+PREDICTIONS_FILE = "predictions.pt"
+
+
+# ---------------------------------------------------------------------------- errors
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """The library's errors about the user's inputs become one-line RunnerErrors."""
+    try:
+        yield
+    except RunnerError:
+        raise
+    except CheckpointError as exc:
+        raise RunnerError(f"cannot use the checkpoint: {exc}") from exc
+    except specs.SpecError as exc:
+        raise RunnerError(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise RunnerError(str(exc)) from exc
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    task = TASKS.get(str(cfg.task))
+    if task is None:
+        raise RunnerError(f"task={cfg.task!r} is not a task: choose one of {', '.join(TASKS)}")
+    with user_errors():
+        return task(cfg, ctx)
+
+
+# ---------------------------------------------------------------------------- config -> components
+def _plain(node: Any) -> Any:
+    return specs.to_plain(node)
+
+
+def _import(target: Any, key: str) -> Any:
+    if not isinstance(target, str) or not target:
+        raise RunnerError(f"{key} must be a dotted import path, got {target!r}")
+    try:
+        return specs.import_object(target)
+    except specs.SpecError as exc:
+        raise RunnerError(f"{key}={target!r} does not import: {exc}") from None
+
+
+def _component(node: Any, key: str) -> Tuple[Any, Dict[str, Any]]:
+    """``(class or function, kwargs)`` of a ``_target_`` spec in the config at ``key``."""
+    spec = _plain(node) or {}
+    if specs.TARGET not in spec:
+        raise RunnerError(f"{key} needs a {specs.TARGET} (the dotted path of the class) and its kwargs")
+    target, kwargs = specs.split(spec)
+    return _import(target, f"{key}.{specs.TARGET}"), kwargs
+
+
+def checkpoint_path(cfg: DictConfig, ctx: RunContext) -> str:
+    """``checkpoint.path`` resolved against the launch directory; a directory means its last checkpoint."""
+    value = cfg.checkpoint.path
+    if value in (None, ""):
+        raise RunnerError(f"task={cfg.task} needs checkpoint.path=FILE: the checkpoint to load, e.g. "
+                          f"checkpoint.path=outputs/<date>/<time>/{CHECKPOINT_DIR}/{LAST} (a run directory works too)")
+    path = os.path.normpath(os.path.join(ctx.launch_dir, os.path.expanduser(str(value))))
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, LAST), os.path.join(path, CHECKPOINT_DIR, LAST)):
+            if os.path.isfile(candidate):
+                return candidate
+        found = sorted((os.path.join(d, f) for d in (path, os.path.join(path, CHECKPOINT_DIR)) if os.path.isdir(d)
+                        for f in os.listdir(d) if f.endswith((".pth", ".pt"))), key=os.path.getmtime)
+        if not found:
+            raise RunnerError(f"checkpoint.path={value}: the directory {path} holds no checkpoint "
+                              f"({LAST} or *.pth / *.pt, also under {CHECKPOINT_DIR}/)")
+        return found[-1]
+    if not os.path.exists(path):
+        raise RunnerError(f"checkpoint.path={value}: no such file {path}"
+                          + ("" if os.path.isabs(str(value)) else f" (relative paths start at {ctx.launch_dir})"))
+    return path
+
+
+def _info(path: str, value: Any) -> Dict[str, Any]:
+    try:
+        return read_info(path)
+    except CheckpointError as exc:
+        raise RunnerError(f"checkpoint.path={value}: {exc}") from None
+
+
+def _normalized(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalized(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalized(v) for k, v in value.items()}
+    return value
+
+
+def _full_kwargs(cls: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Constructor kwargs with the signature's defaults filled in, for comparing two configs."""
+    try:
+        bound = inspect.signature(cls).bind_partial(**kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        for name, param in inspect.signature(cls).parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(values.pop(name, {}) or {})
+        return _normalized(values)
+    except (TypeError, ValueError):
+        return _normalized(kwargs)
+
+
+class ModelChoice:
+    """The model a load-based task builds: the recorded one, or the one the config names."""
+
+    def __init__(self, cfg: DictConfig, info: Dict[str, Any], path_value: Any):
+        node = _plain(cfg.model) or {}
+        recorded = info.get("model")
+        self.recorded = recorded
+        self.configured = specs.TARGET in node
+        if self.configured:
+            self.target, self.kwargs = specs.split(node)
+            self.cls = _import(self.target, f"model.{specs.TARGET}")
+        else:
+            if recorded is None:
+                raise RunnerError(f"checkpoint.path={path_value} holds only model weights (a bare state_dict), so it "
+                                  f"does not say which model to build: give it, e.g. model=mlp or "
+                                  f"model._target_=pkg.module.Class with its kwargs")
+            self.target = recorded["target"]
+            # Keys given without a _target_ change the recorded constructor kwargs.
+            self.kwargs = {**recorded["kwargs"], **node}
+            self.configured = bool(node)
+            try:
+                self.cls = specs.resolve(self.target, "model", expected=nn.Module, from_file=True)
+            except specs.SpecError as exc:
+                raise RunnerError(f"the model recorded in checkpoint.path={path_value} cannot be built here: {exc}; "
+                                  f"give the model with model=...") from None
+        recorded_type = recorded.get("model_type") if recorded else None
+        self.model_type = cfg.model_type or recorded_type
+
+    def differences(self) -> List[str]:
+        """How the configured model differs from the recorded one (class, then each kwarg)."""
+        if not self.configured or self.recorded is None:
+            return []
+        out = []
+        if self.target != self.recorded["target"]:
+            out.append(f"class: checkpoint {self.recorded['target']} vs config {self.target}")
+        mine = _full_kwargs(self.cls, self.kwargs)
+        try:
+            theirs = _full_kwargs(specs.import_object(self.recorded["target"]), self.recorded["kwargs"])
+        except specs.SpecError:
+            theirs = _normalized(self.recorded["kwargs"])
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key, "<unset>") != theirs.get(key, "<unset>"):
+                out.append(f"{key}: checkpoint {theirs.get(key, '<unset>')!r} vs config {mine.get(key, '<unset>')!r}")
+        return out
+
+
+# ---------------------------------------------------------------------------- handler setup
+def _loader_options(cfg: DictConfig, *, val: bool, recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    data = cfg.data
+    options: Dict[str, Any] = dict(recorded or {})
+    if not recorded:
+        options.update(batch_size=64, num_workers=0)
+    batch = data.val_batch_size if val and data.val_batch_size is not None else data.batch_size
+    for key, value in (("batch_size", batch), ("num_workers", data.num_workers), ("pin_memory", data.pin_memory),
+                       ("drop_last", None if val else data.drop_last)):
+        if value is not None:
+            options[key] = value
+    options["shuffle"] = not val
+    return options
+
+
+def _set_data(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]], *, require_train: bool) -> None:
+    """Loaders from the config's dataset specs; null specs keep the checkpoint's, with changed options if any."""
+    recorded = (info or {}).get("data") or {}
+    changed_options = any(cfg.data[k] is not None for k in ("batch_size", "val_batch_size", "num_workers",
+                                                              "pin_memory", "drop_last"))
+    for name, setter in (("train", h.set_train_loader), ("val", h.set_val_loader)):
+        spec = _plain(cfg.data[name])
+        options_recorded = (recorded.get(name) or {}).get("options")
+        if spec is None and changed_options and (recorded.get(name) or {}).get("dataset") is not None:
+            spec = recorded[name]["dataset"]  # rebuild the recorded dataset with the new loader options
+            specs.check_target_allowed(str(spec.get(specs.TARGET)), f"the recorded {name} dataset")
+        if spec is None:
+            continue
+        try:
+            setter(spec, **_loader_options(cfg, val=name == "val", recorded=options_recorded))
+        except specs.SpecError as exc:
+            raise RunnerError(f"data.{name}: {exc}") from None
+        except TypeError as exc:
+            raise RunnerError(f"data.{name} ({spec.get(specs.TARGET)}): {exc}") from None
+    if require_train and h.train_loader is None:
+        raise RunnerError("no training data: give data=NAME (e.g. data=digits) or data.train={_target_: ...}"
+                          + (" (the checkpoint does not record a training dataset that can be rebuilt)" if info else ""))
+
+
+def _set_loss(h: NNHandler, cfg: DictConfig) -> None:
+    fn, kwargs = _component(cfg.loss, "loss")
+    try:
+        h.set_loss_fn(fn, **kwargs)
+    except TypeError as exc:
+        raise RunnerError(f"loss ({cfg.loss[specs.TARGET]}): {exc}") from None
+
+
+def _set_metrics(h: NNHandler, cfg: DictConfig) -> None:
+    for name, target in (_plain(cfg.metrics) or {}).items():
+        h.add_metric(name, _import(target, f"metrics.{name}"))
+
+
+def _set_optimizer(h: NNHandler, cfg: DictConfig) -> None:
+    cls, kwargs = _component(cfg.optimizer, "optimizer")
+    try:
+        h.set_optimizer(cls, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RunnerError(f"optimizer ({cfg.optimizer[specs.TARGET]}): {exc}") from None
+
+
+def _set_scheduler(h: NNHandler, cfg: DictConfig) -> None:
+    if not cfg.scheduler:
+        h.set_scheduler(None)
+        return
+    cls, kwargs = _component(cfg.scheduler, "scheduler")
+    try:
+        h.set_scheduler(cls, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RunnerError(f"scheduler ({cfg.scheduler[specs.TARGET]}): {exc}") from None
+
+
+def _new_handler(target: str, kwargs: Dict[str, Any], build: Callable[[], NNHandler]) -> NNHandler:
+    """``build()``, with a model that cannot be built from its kwargs told as the user's error."""
+    try:
+        return build()
+    except TypeError as exc:
+        raise RunnerError(f"model ({target}) cannot be built with {kwargs}: {exc}") from None
+
+
+def _load_flags(cfg: DictConfig) -> Dict[str, Any]:
+    load = cfg.load
+    return dict(device=cfg.device, strict_load=bool(load.strict), skip_optimizer=bool(load.skip_optimizer),
+                skip_scheduler=bool(load.skip_scheduler), skip_history=bool(load.skip_history),
+                skip_callbacks=bool(load.skip_callbacks), skip_sampler_sde=bool(load.skip_sampler_sde),
+                skip_ema=bool(load.skip_ema))
+
+
+def _complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
+    """After a load: what the checkpoint did not bring back (or the user set again) comes from the config."""
+    if h.loss_fn is None or ctx.given("loss"):
+        _set_loss(h, cfg)
+    _set_metrics(h, cfg)
+    if h.optimizer is None:
+        _set_optimizer(h, cfg)
+        _set_scheduler(h, cfg)
+    elif h.scheduler is None and cfg.scheduler:
+        _set_scheduler(h, cfg)
+
+
+# ---------------------------------------------------------------------------- training
+def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str]) -> Dict[str, Any]:
+    t = cfg.train
+    ckpt_dir = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
+    h.add_callback(EpochProgressBar(int(t.epochs), enabled=bool(t.progress_bar)))
+    if cfg.checkpoint.save_every:
+        h.add_callback(PeriodicCheckpoint(ckpt_dir, int(cfg.checkpoint.save_every)))
+    log.info("%s: %s on %s, world size %d, from epoch %d, %d epoch(s)", cfg.task, type(h.module).__name__,
+             h.device, h.world_size, h.epoch, int(t.epochs))
+    try:
+        h.train(int(t.epochs), validate_every=t.validate_every, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                use_amp=t.use_amp, gradient_clipping_norm=t.gradient_clipping_norm, ema_decay=t.ema_decay,
+                seed=cfg.seed, progress_bar=False)
+    except (ValueError, TypeError) as exc:
+        if "must be" in str(exc):  # the library's validation of train.* settings
+            raise RunnerError(f"train: {exc}") from None
+        raise
+    last = os.path.join(ckpt_dir, LAST)
+    h.save(last)
+    record = reporting.training_metrics(h, str(cfg.task), checkpoint_read, last)
+    if h.rank == 0:
+        reporting.write_metrics(ctx.output_dir, record)
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                            if isinstance(v, float) and k.startswith(("train_", "val_")))
+        log.info("done after epoch %d: %s", h.epoch, summary)
+        print(reporting.next_commands(last, ctx.launch_dir), flush=True)
+    return record
+
+
+def train(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    cls, kwargs = _component(cfg.model, "model")
+    if cfg.seed is not None:
+        rng.seed_everything(int(cfg.seed))  # the initial weights too
+    h = _new_handler(cfg.model[specs.TARGET], kwargs, lambda: NNHandler(
+        cls, device=cfg.device, model_type=cfg.model_type or "classification", **kwargs))
+    _set_loss(h, cfg)
+    _set_metrics(h, cfg)
+    _set_optimizer(h, cfg)
+    _set_scheduler(h, cfg)
+    _set_data(h, cfg, None, require_train=True)
+    return _fit(h, cfg, ctx, checkpoint_read=None)
+
+
+def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    path = checkpoint_path(cfg, ctx)
+    info = _info(path, cfg.checkpoint.path)
+    if info["kind"] != "handler":
+        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, not a training state to "
+                          f"resume: use task=finetune model=... (or task=infer)")
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    differences = choice.differences()
+    if differences:
+        raise RunnerError("task=resume needs the architecture of the checkpoint, but the configured model differs: "
+                          + "; ".join(differences) + ". Drop model=... to use the recorded one, or use task=finetune")
+    h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    _complete_from_config(h, cfg, ctx)
+    _set_data(h, cfg, info, require_train=True)
+    return _fit(h, cfg, ctx, checkpoint_read=path)
+
+
+def finetune(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    path = checkpoint_path(cfg, ctx)
+    info = _info(path, cfg.checkpoint.path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    if cfg.seed is not None:
+        rng.seed_everything(int(cfg.seed))
+    if info["kind"] != "handler":
+        # A bare state_dict: the configured model with those weights, everything else from the config.
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.initialize_from_checkpoint(
+            path, choice.cls, model_type=choice.model_type, device=cfg.device, strict_load=bool(cfg.load.strict),
+            **choice.kwargs))
+    elif choice.configured:
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
+            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
+    else:
+        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    if cfg.load.skip_optimizer or h.optimizer is None:
+        _set_optimizer(h, cfg)
+    if cfg.load.skip_scheduler or h.scheduler is None:
+        _set_scheduler(h, cfg)
+    if h.loss_fn is None or ctx.given("loss"):
+        _set_loss(h, cfg)
+    _set_metrics(h, cfg)
+    _set_data(h, cfg, info if info["kind"] == "handler" else None, require_train=True)
+    return _fit(h, cfg, ctx, checkpoint_read=path)
+
+
+def _targets(dataset: Any) -> Optional[torch.Tensor]:
+    """The dataset's targets in order, when its items are (input, target) pairs."""
+    try:
+        first = dataset[0]
+    except Exception:
+        return None
+    if not (isinstance(first, (list, tuple)) and len(first) >= 2):
+        return None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False)
+    return torch.cat([batch[1] for batch in loader])
+
+
+def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    path = checkpoint_path(cfg, ctx)
+    info = _info(path, cfg.checkpoint.path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.initialize_from_checkpoint(
+        path, choice.cls, model_type=choice.model_type, device=cfg.device, strict_load=bool(cfg.load.strict),
+        **choice.kwargs))
+    # The data: data.predict, else data.val, else the validation set recorded in the checkpoint.
+    key, spec, from_file = None, None, False
+    for name in ("predict", "val"):
+        if cfg.data[name] is not None:
+            key, spec = f"data.{name}", _plain(cfg.data[name])
+            break
+    if spec is None:
+        recorded = ((info.get("data") or {}).get("val") or {}).get("dataset")
+        if recorded is None:
+            raise RunnerError("task=infer needs data to predict on: give data.predict={_target_: ...}, data=NAME, "
+                              "or a checkpoint that records its validation dataset")
+        key, spec, from_file = "the checkpoint's val dataset", recorded, True
+    try:
+        dataset = specs.instantiate(spec, key, from_file=from_file)
+    except specs.SpecError as exc:
+        raise RunnerError(f"{key}: {exc}") from None
+    batch_size = int(cfg.data.val_batch_size or cfg.data.batch_size or 256)
+    h.eval()
+    predictions = h.predict(dataset, batch_size=batch_size)
+    record: Dict[str, Any] = {"task": "infer", "epoch": (info.get("progress") or {}).get("epoch"),
+                              "train_loss": None, "val_loss": None, "samples": int(predictions.shape[0])}
+    targets = _targets(dataset)
+    if targets is not None:
+        if ctx.given("loss") or not info.get("loss_fn"):
+            loss_cls, loss_kwargs = _component(cfg.loss, "loss")
+        else:
+            loss_cls, loss_kwargs = _import(info["loss_fn"][specs.TARGET], "the checkpoint's loss"), \
+                specs.split(info["loss_fn"])[1]
+        loss_fn = loss_cls(**loss_kwargs) if isinstance(loss_cls, type) else \
+            (lambda out, y: loss_cls(out, y, **loss_kwargs))
+        with torch.no_grad():
+            record["loss"] = float(loss_fn(predictions, targets))
+            for name, target in (_plain(cfg.metrics) or {}).items():
+                record[name] = float(_import(target, f"metrics.{name}")(predictions, targets))
+    record.update(world_size=h.world_size, checkpoint_read=path, checkpoint_written=None)
+    if h.rank == 0:
+        out = os.path.join(ctx.output_dir, PREDICTIONS_FILE)
+        torch.save(predictions, out)
+        reporting.write_metrics(ctx.output_dir, record)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        log.info("predicted %d samples from %s: %s", predictions.shape[0], path, shown or "no targets")
+        print(f"predictions: {out}", flush=True)
+    return record
+
+
+TASKS: Dict[str, Callable[[DictConfig, RunContext], Dict[str, Any]]] = {
+    "train": train, "resume": resume, "finetune": finetune, "infer": infer}
