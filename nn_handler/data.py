@@ -1,6 +1,7 @@
 """Datasets and loaders: built from specs or objects, ordered by (seed, epoch), sharded over ranks."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -25,12 +26,15 @@ class EpochSampler(DistributedSampler):
                  pad: bool = True):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.pad = pad
+        self.start = 0  # samples of this epoch's order to skip: a mid-epoch resume
+        self.loader_generator: Optional[torch.Generator] = None  # the DataLoader's own, reseeded per epoch
         if not pad:
             self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[int]:
         if self.pad:
-            return super().__iter__()
+            order = super().__iter__()
+            return itertools.islice(order, self.start, None) if self.start else order
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             g = torch.Generator()
@@ -38,7 +42,10 @@ class EpochSampler(DistributedSampler):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        return iter(order[self.rank::self.num_replicas])
+        return iter(order[self.rank::self.num_replicas][self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
 
 
 @dataclass
@@ -90,4 +97,8 @@ def build_loader(dataset: Any, options: Mapping[str, Any], info: DistInfo,
         return DataLoader(dataset, **opts), None
     sampler = EpochSampler(dataset, num_replicas=info.world_size if info.enabled else 1,
                            rank=info.rank if info.enabled else 0, shuffle=shuffle, pad=pad)
+    if "generator" not in opts:
+        # The loader draws its workers' base seed from this generator, not from the global
+        # stream, so starting an epoch (or resuming inside one) leaves the global stream alone.
+        sampler.loader_generator = opts["generator"] = torch.Generator()
     return DataLoader(dataset, sampler=sampler, **opts), sampler

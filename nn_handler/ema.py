@@ -43,14 +43,22 @@ class EMA:
         self.module.load_state_dict(state["weights"])
         self.averaged.n_averaged.fill_(int(state["num_updates"]))
 
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Overwrite ``module``'s weights (and buffers) with the averaged ones, for good (e.g. to export)."""
+        for dst, src in zip(_tensors(module), _tensors(self.module)):
+            dst.copy_(src)
+
     @contextlib.contextmanager
     def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily put the averaged weights into ``module``; the live weights come back after."""
+        """Temporarily put the averaged weights into ``module``; the live weights come back after.
+
+        The live values are copied back bit for bit (also when the block raises), so
+        validating or sampling under EMA weights never changes training. Blocks nest.
+        """
         live = [t.detach().clone() for t in _tensors(module)]
         try:
-            with torch.no_grad():
-                for dst, src in zip(_tensors(module), _tensors(self.module)):
-                    dst.copy_(src)
+            self.copy_to(module)
             yield module
         finally:
             with torch.no_grad():

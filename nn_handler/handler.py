@@ -117,7 +117,11 @@ class NNHandler:
         # Components a loaded checkpoint could not restore: name -> why (told again when they are needed).
         self._not_restored: Dict[str, str] = {}
         # Plain data saved with every checkpoint and restored by load: run id, lineage, the run's config.
-        self.metadata: Dict[str, Any] = {}
+        from .checkpointing.store import lineage_for  # checkpointing imports this module
+        self.metadata: Dict[str, Any] = {"lineage": lineage_for(None, None)}
+        # Inside an epoch: where the loop is (saved by a mid-epoch checkpoint); after load: where to go on.
+        self._position: Optional[training.Position] = None
+        self._resume_position: Optional[Dict[str, Any]] = None
         self.epoch = 0
         self.global_step = 0
         self.stop_training = False
@@ -309,7 +313,9 @@ class NNHandler:
     def train(self, epochs: int, validate_every: Optional[int] = None, gradient_accumulation_steps: Optional[int] = None,
               use_amp: Optional[bool] = None, gradient_clipping_norm: Optional[float] = None,
               ema_decay: Optional[float] = None, seed: Optional[int] = None, progress_bar: bool = True, *,
-              validate_with_ema: Optional[bool] = None) -> None:
+              validate_with_ema: Optional[bool] = None, checkpoint_dir: Any = None,
+              save_every_n_steps: Optional[int] = None, save_every_n_epochs: Optional[int] = None,
+              keep_last: Optional[int] = None, handle_signals: Optional[bool] = None) -> None:
         """Train ``epochs`` more epochs.
 
         A setting left as None keeps what the handler has (after ``load``, what was saved).
@@ -317,6 +323,14 @@ class NNHandler:
         ``seed`` re-seeds every random stream (and the data order) at the start of this call.
         ``validate_with_ema=True`` computes the validation loss and metrics with the EMA
         weights (when EMA is on); the live weights are put back bit for bit after.
+
+        Never lose a run: with ``checkpoint_dir`` (a directory, or a ``CheckpointStore`` for
+        best-k retention) a checkpoint is written every ``save_every_n_steps`` optimizer steps
+        and every ``save_every_n_epochs`` epochs (``last.pth`` points at the newest, only the
+        newest ``keep_last`` are kept), and SIGTERM, SIGUSR1 or a first Ctrl-C finish the
+        current step, save, and raise ``Preempted`` (a SystemExit with code 128 + the signal
+        number; ``handle_signals=False`` leaves signals alone). A checkpoint taken inside an
+        epoch resumes with its next batch, and an interrupted epoch counts as one of ``epochs``.
         """
         if int(epochs) < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs!r}")
@@ -334,8 +348,18 @@ class NNHandler:
             # Like RandomSampler: draw from the global stream, so torch.manual_seed fixes the order.
             self._data_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self._data_seed = distributed.broadcast_object(self._data_seed, self._dist)
+        store = None
+        if checkpoint_dir is not None:
+            from .checkpointing.store import CheckpointStore
+            store = checkpoint_dir if isinstance(checkpoint_dir, CheckpointStore) else \
+                CheckpointStore(checkpoint_dir, keep_last=keep_last)
+        elif save_every_n_steps or save_every_n_epochs:
+            raise ValueError("save_every_n_steps / save_every_n_epochs need a checkpoint_dir")
+        if handle_signals is None:
+            handle_signals = store is not None
         if epochs:
-            training.run(self, int(epochs), progress_bar)
+            training.run(self, int(epochs), progress_bar, store=store, every_n_steps=save_every_n_steps,
+                         every_n_epochs=save_every_n_epochs, handle_signals=handle_signals)
 
     def _ensure_ema(self, decay: Optional[float]) -> Optional[EMA]:
         if not decay:

@@ -26,6 +26,7 @@ class TrainSettings:
     use_amp: bool = False
     gradient_clipping_norm: Optional[float] = None  # None or 0: no clipping
     ema_decay: Optional[float] = None  # None or 0: no EMA
+    validate_with_ema: bool = False  # validation loss and metrics with the EMA weights (when EMA is on)
 
     def updated(self, **changes: Any) -> "TrainSettings":
         """A copy with every change that is not None applied, validated."""
@@ -45,6 +46,7 @@ class TrainSettings:
         new.use_amp = bool(new.use_amp)
         new.gradient_clipping_norm = float(new.gradient_clipping_norm) if new.gradient_clipping_norm else None
         new.ema_decay = float(new.ema_decay) if new.ema_decay else None
+        new.validate_with_ema = bool(new.validate_with_ema)
         return new
 
     def to_dict(self) -> Dict[str, Any]:
@@ -54,6 +56,66 @@ class TrainSettings:
     def from_dict(cls, values: Dict[str, Any]) -> "TrainSettings":
         known = {f.name for f in fields(cls)}
         return cls().updated(**{k: v for k, v in values.items() if k in known})
+
+
+class Position:
+    """Where training is inside the current epoch: the batches done up to the last optimizer step."""
+
+    __slots__ = ("epoch", "step", "sums")
+
+    def __init__(self, epoch: int, step: int, sums: "_Averages"):
+        self.epoch, self.step, self.sums = epoch, step, sums
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step, "partial": self.sums.state_dict()}
+
+
+class Preempted(SystemExit):
+    """Training stopped on a signal after saving a checkpoint; exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, checkpoint: Optional[str]):
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    def __str__(self) -> str:
+        return f"training stopped by signal {self.signum}; checkpoint saved at {self.checkpoint}"
+
+
+class _SignalStop:
+    """SIGTERM, SIGUSR1 and SIGINT ask the loop to stop after the current step.
+
+    A repeated SIGTERM/SIGUSR1 changes nothing; a second SIGINT aborts at once. Only the
+    main thread of the main process installs handlers; the previous ones come back after.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalStop":
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        if not self.signum:
+            self.signum = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C aborts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -170,6 +232,15 @@ class _Averages:
             self.count += sum(self.sizes)
             self.losses, self.sizes = [], []
 
+    def state_dict(self) -> Dict[str, Any]:
+        self._fold()
+        return {"total": self.total.detach().cpu().clone(), "count": self.count, "metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.total = state["total"].to(device=self.device, dtype=torch.float64).clone()
+        self.count = int(state["count"])
+        self.metrics.update({k: float(v) for k, v in state["metrics"].items()})
+
     def reduce(self, h: "NNHandler") -> Tuple[float, Dict[str, float]]:
         """Exact averages over every sample seen, summed over ranks."""
         self._fold()
@@ -204,8 +275,15 @@ def evaluate(h: "NNHandler", loader) -> Tuple[float, Dict[str, float]]:
     return sums.reduce(h)
 
 
-def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
-    """Train ``epochs`` more epochs. The handler holds every piece of state this touches."""
+def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None, handle_signals: bool = False) -> None:
+    """Train ``epochs`` more epochs. The handler holds every piece of state this touches.
+
+    An epoch interrupted by a mid-epoch checkpoint counts as one of the ``epochs`` and goes
+    on from its next batch. With ``store`` (a CheckpointStore) checkpoints are written every
+    ``every_n_steps`` optimizer steps and ``every_n_epochs`` epochs, and with
+    ``handle_signals`` SIGTERM/SIGUSR1/SIGINT save one and raise Preempted.
+    """
     train_slot = h._data["train"]
     if not train_slot.is_set:
         if train_slot.missing_dataset:
@@ -277,27 +355,66 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
 
     batch_begin, batch_end = hooks["on_batch_begin"], hooks["on_batch_end"]
     show_bar = progress_bar and h._dist.is_main
+    resume = h._resume_position
+    h._resume_position = None
+    if resume is not None and int(resume.get("epoch", h.epoch)) != h.epoch:
+        resume = None
+    batch_size = loader.batch_size or 1
+    stop = _SignalStop() if handle_signals else None
+    check_stop = stop is not None or store is not None
+    agree_stop = check_stop and distributed
+
+    def stop_requested() -> int:
+        """The signal that asks to stop (agreed by all ranks, so they save at the same step), or 0."""
+        signum = stop.signum if stop is not None else 0
+        if agree_stop:
+            flag = torch.tensor([signum], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def preempt(signum: int) -> None:
+        path = store.save(h, tag="preempt") if store is not None else None
+        if path is None:
+            h.logger.warning("stopping on signal %d with no checkpoint_dir: nothing was saved", signum)
+        raise Preempted(signum, None if path is None else str(path))
+
     h.stop_training = False
     for cb in callbacks:
         cb.on_train_begin(h)
     bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=not show_bar,
                unit="batch", dynamic_ncols=True, mininterval=0.5, leave=True)
+    if stop is not None:
+        stop.__enter__()
     try:
         for _ in range(epochs):
             epoch = h.epoch
             bar.set_description(f"epoch {epoch + 1}")
+            start = int(resume["step_in_epoch"]) if resume is not None else 0
             if sampler is not None:
                 sampler.seed = h._data_seed
                 sampler.set_epoch(epoch)
+                sampler.start = start * batch_size  # fast-forward by index, never by iterating
+                if sampler.loader_generator is not None:  # the loader's own seeds (workers), per epoch
+                    sampler.loader_generator.manual_seed(int(h._data_seed) + epoch)
+            elif start:
+                h._warn("an iterable dataset cannot be fast-forwarded: the interrupted epoch starts over")
+                start = 0
+            steps_total = start + len(loader) if steps_per_epoch is not None else None
             for cb in hooks["on_epoch_begin"]:
                 cb.on_epoch_begin(h, epoch)
             module.train()
             sums = _Averages(device, list(metrics))
+            if start:
+                sums.load_state_dict(resume["partial"])
+                bar.update(start) if show_bar else None
+            resume = None
+            position = h._position = Position(epoch, start, sums)
             optimizer.zero_grad(set_to_none=True)
             pending = 0
-            step_in_epoch = -1
+            step_in_epoch = start - 1
             add = sums.add
-            for step_in_epoch, batch in enumerate(loader):
+            for step_in_epoch, batch in enumerate(loader, start):
                 # The per-step path: nothing here that a hand-written loop would not do,
                 # unless a feature that needs it is on.
                 if batch_begin:
@@ -308,9 +425,9 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                 if pending == 0 and accum > 1:
                     # The mean over the group that this step starts: the last group of an
                     # epoch may be short, and its gradient is still an average.
-                    divisor = accum if steps_per_epoch is None else min(accum, steps_per_epoch - step_in_epoch)
+                    divisor = accum if steps_total is None else min(accum, steps_total - step_in_epoch)
                 pending += 1
-                last_micro = pending == accum or step_in_epoch + 1 == steps_per_epoch
+                last_micro = pending == accum or step_in_epoch + 1 == steps_total
                 if distributed and not last_micro:
                     with model.no_sync():  # accumulate locally; gradients sync on the updating step
                         loss, out, y, n = micro_step(batch)
@@ -324,6 +441,14 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                     with torch.no_grad():
                         for name, fn in metrics.items():
                             sums.metrics[name] += float(fn(out.detach(), y)) * n
+                if last_micro:
+                    position.step = step_in_epoch + 1
+                    if check_stop:
+                        signum = stop_requested()
+                        if signum:
+                            preempt(signum)
+                        if every_n_steps and h.global_step % every_n_steps == 0:
+                            store.save(h)
                 if batch_end:
                     logs = {"loss": loss.detach(), "batch_size": n, "global_step": h.global_step}
                     for cb in batch_end:
@@ -332,6 +457,7 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                     bar.update(1)
             if pending:  # an iterable dataset's last, partial accumulation group
                 optimizer_step()
+                position.step = step_in_epoch + 1
             if step_in_epoch < 0:
                 raise RuntimeError("the training loader yielded no batches")
 
@@ -341,7 +467,9 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
             val_loss = math.nan
             val_metrics: Dict[str, float] = {name: math.nan for name in metrics}
             if validated:
-                val_loss, val_metrics = evaluate(h, val_slot.loader)
+                with (ema.swapped_into(module) if ema is not None and settings.validate_with_ema
+                      else contextlib.nullcontext()):
+                    val_loss, val_metrics = evaluate(h, val_slot.loader)
                 logs["val_loss"] = val_loss
                 logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             h._history.append(train_loss, train_metrics, val_loss if val_slot.is_set else None,
@@ -357,14 +485,20 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool) -> None:
                     scheduler.step()
             logs["lr"] = optimizer.param_groups[0]["lr"]
             h.epoch += 1
+            h._position = None
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss")}, refresh=False)
             h._log_epoch(logs)
             for cb in hooks["on_epoch_end"]:
                 cb.on_epoch_end(h, epoch, logs)
+            if store is not None and every_n_epochs and h.epoch % every_n_epochs == 0:
+                store.save(h)
             if h.stop_training:
                 h.logger.info("training stopped by a callback after epoch %d", h.epoch)
                 break
     finally:
         bar.close()
+        h._position = None
+        if stop is not None:
+            stop.__exit__(None, None, None)
     for cb in callbacks:
         cb.on_train_end(h)

@@ -46,11 +46,11 @@ def test_loaded_handler_trains_more_epochs_after_the_saved_ones(tmp_path):
 def test_settings_left_none_keep_the_saved_values_after_load(tmp_path):
     h = hc.classification_handler()
     h.train(epochs=1, ema_decay=0.95, gradient_accumulation_steps=2, gradient_clipping_norm=0.5, use_amp=True,
-            validate_every=1, progress_bar=False)
+            validate_every=1, validate_with_ema=True, progress_bar=False)
     h.save(tmp_path / "s.pt")
     h2 = quiet_load(tmp_path / "s.pt")
     expected = {"validate_every": 1, "gradient_accumulation_steps": 2, "use_amp": True,
-                "gradient_clipping_norm": 0.5, "ema_decay": 0.95}
+                "gradient_clipping_norm": 0.5, "ema_decay": 0.95, "validate_with_ema": True}
     assert h2.settings == expected
     h2.train(epochs=1, progress_bar=False)
     assert h2.settings == expected
@@ -61,7 +61,7 @@ def test_settings_left_none_keep_the_saved_values_after_load(tmp_path):
 def test_a_fresh_handler_uses_the_documented_defaults():
     h = hc.classification_handler()
     assert h.settings == {"validate_every": 1, "gradient_accumulation_steps": 1, "use_amp": False,
-                          "gradient_clipping_norm": None, "ema_decay": None}
+                          "gradient_clipping_norm": None, "ema_decay": None, "validate_with_ema": False}
     h.train(epochs=1, progress_bar=False)
     assert h.ema is None and h.global_step == 6
 

@@ -1,4 +1,8 @@
-"""Callbacks: hooks into the training loop whose state survives save/load."""
+"""Callbacks: hooks into the training loop whose settings and state survive save/load."""
 from .base import Callback
+from .early_stopping import EarlyStopping
+from .lr_logger import LearningRateLogger
+from .model_checkpoint import ModelCheckpoint
+from .sample_grid import SampleGrid
 
-__all__ = ["Callback"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateLogger", "ModelCheckpoint", "SampleGrid"]

@@ -21,7 +21,8 @@ from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckp
 from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
 from .fastload import build_module_from_weights
-from .state import canonical_state_dict, dump, load_model_weights, restore
+from .state import canonical_state_dict, dump, load_model_weights, rank_state, restore
+from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
 from ..handler import prebuilt_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint", "inspect", "diff", "file_checksum",
+    "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -46,11 +48,11 @@ def save(handler: "NNHandler", path: PathLike) -> None:
     rank.
     """
     info = handler._dist
-    rng_states = distributed.all_gather_object(rng.capture(), info)
+    per_rank = distributed.all_gather_object(rank_state(handler), info)
     error: Optional[BaseException] = None
     if info.is_main:
         try:
-            state = dump(handler, rng_states)
+            state = dump(handler, per_rank)
             for component, reason in state[_format.UNRECORDED].items():
                 handler._warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); "
                               f"after loading, set it again")

@@ -17,6 +17,7 @@ from ..training import TrainSettings
 from . import format as F
 from .errors import IncompatibleCheckpointError
 from .fastload import build_module_from_weights
+from .store import lineage_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -109,11 +110,12 @@ def _component(h: "NNHandler", name: str, state: Any = None) -> Tuple[Optional[D
     return entry, None
 
 
-def dump(h: "NNHandler", rng_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+def dump(h: "NNHandler", per_rank: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """The whole handler as tensors and plain containers, readable with ``weights_only=True``.
 
-    ``rng_states`` are every rank's random states, in rank order (this process's alone by default).
+    ``per_rank`` holds every rank's ``rank_state(h)``, in rank order (this process's alone by default).
     """
+    per_rank = per_rank if per_rank is not None else [rank_state(h)]
     from ..handler import _unwrap
     unrecorded: Dict[str, str] = {}
 
@@ -172,12 +174,29 @@ def dump(h: "NNHandler", rng_states: Optional[List[Dict[str, Any]]] = None) -> D
         F.SAMPLER: put("sampler", sampler, sampler.state_dict() if hasattr(sampler, "state_dict") else None),
         F.EMA: h._ema.state_dict() if h._ema is not None else None,
         F.SETTINGS: h._settings.to_dict(),
-        F.PROGRESS: {"epoch": h.epoch, "global_step": h.global_step, "data_seed": h._data_seed},
+        F.PROGRESS: _progress(h, per_rank),
         F.DATA: data,
-        F.RNG: list(rng_states) if rng_states is not None else [rng.capture()],  # one per rank
+        F.RNG: [r["rng"] for r in per_rank],  # one per rank
         F.UNRECORDED: unrecorded,
         F.METADATA: dict(h.metadata),
     }
+
+
+def rank_state(h: "NNHandler") -> Dict[str, Any]:
+    """What each rank contributes to a checkpoint: its random streams and its share of a partial epoch."""
+    position = h._position
+    return {"rng": rng.capture(),
+            "partial": position.sums.state_dict() if position is not None and position.step > 0 else None}
+
+
+def _progress(h: "NNHandler", per_rank: List[Dict[str, Any]]) -> Dict[str, Any]:
+    progress = {"epoch": h.epoch, "global_step": h.global_step, "data_seed": h._data_seed}
+    position = h._position
+    if position is not None and position.step > 0:
+        # Saved inside an epoch (after an optimizer step): resuming goes on with the next batch.
+        progress["position"] = {"epoch": position.epoch, "step_in_epoch": position.step,
+                                "partial": [r["partial"] for r in per_rank]}
+    return progress
 
 
 # ---------------------------------------------------------------------------- restore
@@ -330,6 +349,14 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     h.epoch = int(progress.get("epoch", 0))
     h.global_step = int(progress.get("global_step", 0))
     h._data_seed = progress.get("data_seed")
+    position = progress.get("position")
+    if position:
+        partials = position.get("partial") or []
+        mine = partials[h.rank] if h.rank < len(partials) else None
+        h._resume_position = {"epoch": int(position["epoch"]), "step_in_epoch": int(position["step_in_epoch"]),
+                              "partial": mine or {"total": torch.zeros((), dtype=torch.float64), "count": 0,
+                                                  "metrics": {}}}
+    h.metadata["lineage"] = lineage_for(path, (state.get(F.METADATA) or {}).get("lineage"))
 
     for component, reason in unrecorded.items():
         if component == "model" or any(component.startswith(s) for s in skipped):
