@@ -162,6 +162,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _save_with_trailer(obj: Any, f) -> None:
+    """``torch.save`` into ``f`` through the chunked CRC writer, then the checksum trailer."""
+    with futures.ThreadPoolExecutor(_WORKERS) as pool:
+        writer = _ChunkedCRCWriter(f, pool)
+        torch.save(obj, writer)
+    size = writer.offset
+    f.seek(size - 22)
+    if f.read(4) != _EOCD_MAGIC:
+        raise RuntimeError("torch.save did not end the archive with a plain end-of-central-directory record")
+    # The covered bytes end with the zip comment length, written as 0 by torch.save and set
+    # here to the trailer's length: the verifier hashes it as 0.
+    f.seek(size - 2)
+    f.write(struct.pack("<H", TRAILER_SIZE) + _pack_trailer(CHUNK_SIZE, size, _table_crc(writer.crcs)))
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """Write ``obj`` with ``torch.save`` so that ``path`` is always the old complete file or the new one.
 
@@ -182,26 +197,11 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "w+b") as f, futures.ThreadPoolExecutor(_WORKERS) as pool:
-            if not _WRITE_CHECKSUMS:
+        with os.fdopen(fd, "w+b") as f:
+            if _WRITE_CHECKSUMS:
+                _save_with_trailer(obj, f)
+            else:
                 torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                os.replace(tmp_name, path)
-                _fsync_dir(directory)
-                return path
-            writer = _ChunkedCRCWriter(f, pool)
-            torch.save(obj, writer)
-            size = writer.offset
-            f.seek(size - 22)
-            if f.read(4) != _EOCD_MAGIC:
-                raise RuntimeError("torch.save did not end the archive with a plain end-of-central-directory record")
-            trailer = _pack_trailer(CHUNK_SIZE, size, _table_crc(writer.crcs))
-            # The covered bytes end with the zip comment length, written as 0 by torch.save
-            # and set here to the trailer's length: the verifier hashes it as 0.
-            f.seek(size - 2)
-            f.write(struct.pack("<H", TRAILER_SIZE) + trailer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
