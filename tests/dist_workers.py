@@ -88,6 +88,15 @@ def main(scenario: str, out: str, *args: str) -> None:
             torch.save({"tensor": h.predict(x), "dataset": h.predict(val), "expected": h.module(x),
                         "expected_dataset": h.module(val.tensors[0]), "val_loss": loss,
                         "expected_val_loss": expected_val}, os.path.join(out, f"rank{h.rank}.pt"))
+    elif scenario == "sample":  # args: seed; h.sample with that seed, then with seed=None
+        import helpers_generative as hg
+        from nn_handler.sde import VPSDE
+        torch.manual_seed(0)  # every rank alike: seed=None must still give the ranks different shares
+        h = NNHandler(hg.ExactMixtureScore, device="cpu", model_type="score_based", **hg.SDE_KWARGS)
+        h.set_sde(VPSDE, **hg.SDE_KWARGS)
+        torch.save({"seeded": h.sample((7, 2), steps=20, seed=int(args[0])),
+                    "global": h.sample((7, 2), steps=20), "world_size": h.world_size},
+                   os.path.join(out, f"rank{h.rank}.pt"))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

@@ -16,6 +16,7 @@ from ..specs import plain_problem
 from ..specs import split as specs_split
 from ..enums import ModelType, coerce_model_type
 from . import format as _format
+from . import io as _io
 from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
                      UnsafeCheckpointError)
 from .inspect import diff, inspect
@@ -73,8 +74,11 @@ def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False
     """
     check_readable_file(path)
     verification = verify(path)
-    obj = safe_load(path, map_location=map_location, mmap=mmap)
-    if not verification.checksum:
+    return _checked(safe_load(path, map_location=map_location, mmap=mmap), path, verification.checksum)
+
+
+def _checked(obj: Any, path: PathLike, verified: bool) -> Any:
+    if not verified:
         if _format.is_handler_state(obj):
             raise CorruptCheckpointError(path, "the file says it is an nn_handler checkpoint but its checksum "
                                                "record is missing or damaged")
@@ -83,9 +87,46 @@ def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False
     return obj
 
 
-def _read(path: PathLike, device: torch.device) -> Any:
-    # Memory-mapped: tensors are read on first use, and the fast path adopts them without a copy.
-    return read_checkpoint(path, map_location=device, mmap=True)
+def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo") -> Any:
+    """The verified contents of ``path`` on every rank, memory-mapped (tensors read on first use).
+
+    Under DDP the ranks split the checksum work (each hashes every world_size-th chunk, then
+    the chunk CRCs are exchanged), so a job reads and hashes the file about once, not once per
+    rank; every step ends with an agreement, so a failure on any rank is raised on all of them.
+    """
+    path_str = os.fspath(path)
+    what = f"reading checkpoint {path_str}"
+    if not info.enabled:
+        return read_checkpoint(path, map_location=device, mmap=True)
+    trailer, error = None, None
+    try:
+        check_readable_file(path)
+        trailer = _io.read_trailer(path) if _io._VERIFY_CHECKSUMS else None
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, what, path_str)
+    mine, error = {}, None
+    seen = distributed.all_gather_object(trailer, info)
+    try:
+        if any(t != seen[0] for t in seen):
+            raise CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
+        if trailer is not None:
+            mine = _io.chunk_crcs(path, trailer, list(range(info.rank, trailer.chunks, info.world_size)))
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, what, path_str)
+    crcs: Dict[int, int] = {}
+    for part in distributed.all_gather_object(mine, info):
+        crcs.update(part)
+    obj, error = None, None
+    try:
+        if trailer is not None:
+            _io.check_table(path, trailer, crcs)
+        obj = _checked(safe_load(path, map_location=device, mmap=True), path, trailer is not None)
+    except Exception as exc:
+        error = exc
+    distributed.agree(error, info, what, path_str)
+    return obj
 
 
 def read_info(path: PathLike) -> Dict[str, Any]:
@@ -155,9 +196,10 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
     info = distributed.setup(None)  # join the job first, so that all ranks can agree on the outcome
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(path)
+    obj = _read(path, target, info)  # raises on every rank if the file fails on any
     state, error = None, None
     try:
-        state = _format.check_and_migrate(_read(path, target), path_str)
+        state = _format.check_and_migrate(obj, path_str)
     except Exception as exc:
         error = exc
     distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
@@ -183,9 +225,9 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
     info = distributed.setup(None)
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(checkpoint_path)
+    obj = _read(checkpoint_path, target, info)  # raises on every rank if the file fails on any
     weights, error = None, None
     try:
-        obj = _read(checkpoint_path, target)
         if isinstance(obj, dict) and isinstance(obj.get(_format.MODEL_STATE), dict):
             weights = obj[_format.MODEL_STATE]
         elif isinstance(obj, dict) and _format._looks_like_state_dict(obj):

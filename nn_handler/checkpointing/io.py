@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import crc32c
 import torch
@@ -262,12 +262,81 @@ def _chunk_crc(buf, start: int, end: int, zero_from: int) -> int:
     return _crc(b"\x00" * (end - max(start, zero_from)), value)
 
 
+@dataclass(frozen=True)
+class Trailer:
+    """A file's checksum record: the bytes covered, the chunk size and the CRC of the chunk-CRC table."""
+
+    covered: int
+    chunk_size: int
+    table_crc: int
+
+    @property
+    def chunks(self) -> int:
+        return (self.covered + self.chunk_size - 1) // self.chunk_size
+
+
+def read_trailer(path: PathLike) -> Optional[Trailer]:
+    """The file's checksum record (reading only its last bytes), None if it has none; raises if damaged."""
+    path = check_readable_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        _check_signature(path, f.read(4))
+        if size < TRAILER_SIZE + 2 + 22:
+            return None
+        f.seek(size - TRAILER_SIZE - 2)
+        tail = f.read(TRAILER_SIZE + 2)
+    comment_length, trailer = struct.unpack("<H", tail[:2])[0], tail[2:]
+    if not trailer.startswith(_TRAILER_MAGIC):
+        return None
+    _, chunk_size, covered, table_crc, trailer_crc = _TRAILER.unpack(trailer)
+    if _crc(trailer[:-4]) != trailer_crc:
+        raise CorruptCheckpointError(path, "the checksum record is damaged")
+    if comment_length != TRAILER_SIZE or covered != size - TRAILER_SIZE or chunk_size <= 0:
+        raise CorruptCheckpointError(path, f"the checksum record does not match the file (covers {covered} "
+                                           f"bytes, file has {size - TRAILER_SIZE}): truncated or extended")
+    return Trailer(covered, chunk_size, table_crc)
+
+
+def chunk_crcs(path: PathLike, trailer: Trailer, indices: Optional[List[int]] = None) -> Dict[int, int]:
+    """CRC-32C of the chunks ``indices`` (all by default), hashed in parallel over a read-only mmap."""
+    indices = list(range(trailer.chunks)) if indices is None else list(indices)
+    if not indices:
+        return {}
+    zero_from = trailer.covered - 2  # the zip comment length was 0 when hashed
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            def one(i: int) -> int:
+                start = i * trailer.chunk_size
+                return _chunk_crc(view, start, min(start + trailer.chunk_size, trailer.covered), zero_from)
+            if len(indices) > 1 and trailer.covered >= _PARALLEL_MIN:
+                with futures.ThreadPoolExecutor(_WORKERS) as pool:
+                    values = list(pool.map(one, indices))
+            else:
+                values = [one(i) for i in indices]
+        finally:
+            view.release()
+    return dict(zip(indices, values))
+
+
+def check_table(path: PathLike, trailer: Trailer, crcs: Dict[int, int]) -> None:
+    """Raise CorruptCheckpointError unless the chunk CRCs match the trailer's table CRC."""
+    if _table_crc([crcs[i] for i in range(trailer.chunks)]) != trailer.table_crc:
+        raise CorruptCheckpointError(path, "checksum mismatch: the file's contents were changed or damaged "
+                                           "after it was written")
+
+
 def verify(path: PathLike) -> Verification:
     """Check the file's checksum trailer, if it has one; raise CorruptCheckpointError on any mismatch."""
     path = check_readable_file(path)
     size = path.stat().st_size
     if not _VERIFY_CHECKSUMS:
         return Verification(True, size)
+    trailer = read_trailer(path)
+    if trailer is None:
+        return Verification(False, size)
+    check_table(path, trailer, chunk_crcs(path, trailer))
+    return Verification(True, size)
     with open(path, "rb") as f:
         head = f.read(4)
         _check_signature(path, head)
