@@ -337,38 +337,6 @@ def verify(path: PathLike) -> Verification:
         return Verification(False, size)
     check_table(path, trailer, chunk_crcs(path, trailer))
     return Verification(True, size)
-    with open(path, "rb") as f:
-        head = f.read(4)
-        _check_signature(path, head)
-        if size < TRAILER_SIZE + 2 + 22:
-            return Verification(False, size)
-        f.seek(size - TRAILER_SIZE - 2)
-        tail = f.read(TRAILER_SIZE + 2)
-        comment_length, trailer = struct.unpack("<H", tail[:2])[0], tail[2:]
-        if not trailer.startswith(_TRAILER_MAGIC):
-            return Verification(False, size)
-        magic, chunk_size, covered, table_crc, trailer_crc = _TRAILER.unpack(trailer)
-        if _crc(trailer[:-4]) != trailer_crc:
-            raise CorruptCheckpointError(path, "the checksum record is damaged")
-        if comment_length != TRAILER_SIZE or covered != size - TRAILER_SIZE or chunk_size <= 0:
-            raise CorruptCheckpointError(path, f"the checksum record does not match the file (covers {covered} "
-                                               f"bytes, file has {size - TRAILER_SIZE}): truncated or extended")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                zero_from = covered - 2  # the zip comment length was 0 when hashed
-                bounds = [(s, min(s + chunk_size, covered)) for s in range(0, covered, chunk_size)]
-                if len(bounds) > 1 and covered >= _PARALLEL_MIN:
-                    with futures.ThreadPoolExecutor(_WORKERS) as pool:
-                        crcs = list(pool.map(lambda b: _chunk_crc(view, b[0], b[1], zero_from), bounds))
-                else:
-                    crcs = [_chunk_crc(view, s, e, zero_from) for s, e in bounds]
-            finally:
-                view.release()
-    if _table_crc(crcs) != table_crc:
-        raise CorruptCheckpointError(path, "checksum mismatch: the file's contents were changed or damaged "
-                                           "after it was written")
-    return Verification(True, size)
 
 
 def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None, mmap: bool = False) -> Any:
