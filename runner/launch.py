@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     nproc = int(cfg.launcher.nproc_per_node)
     if nproc < 1:
         raise RunnerError(f"launcher.nproc_per_node must be >= 1, got {nproc}")
-    if nproc > 1:
+    if nproc > 1 and str(cfg.task) not in tasks.READ_ONLY_TASKS:
         if env_topology().enabled:
             log.warning("launcher.nproc_per_node=%d ignored: already running as rank %d of %d under torchrun",
                         nproc, _rank(), env_topology().world_size)

@@ -78,8 +78,31 @@ class LauncherConf:
 
 
 @dataclass
+class InspectConf:
+    """``task=inspect``: print what ``checkpoint.path`` records."""
+
+    format: str = "text"  # text | json (json: exactly the dict of nn_handler.checkpointing.inspect)
+
+
+@dataclass
+class DiffConf:
+    """``task=diff``: what differs between ``checkpoint.path`` (a) and ``diff.other`` (b)."""
+
+    other: Optional[str] = None  # the second checkpoint (file or run directory), relative to the launch directory
+    format: str = "text"  # text | json (json: exactly the dict of nn_handler.checkpointing.diff)
+    top: int = 10  # text: how many of the tensors with the largest absolute difference to list
+
+
+@dataclass
+class ResumeConf:
+    # Let a resume go on although the model differs from the checkpoint's (class or kwargs);
+    # the difference is still reported as a warning.
+    allow_drift: bool = False
+
+
+@dataclass
 class RunnerConfig:
-    task: str = "train"  # set by the task group: train | resume | finetune | infer
+    task: str = "train"  # set by the task group: train | resume | finetune | infer | inspect | diff
     # The model class as a _target_ plus its constructor kwargs; empty means "the one recorded
     # in the checkpoint" (resume, finetune, infer).
     model: Dict[str, Any] = field(default_factory=dict)
@@ -96,6 +119,9 @@ class RunnerConfig:
     seed: Optional[int] = 0  # null: do not re-seed (a resume continues the saved random streams)
     train: TrainConf = field(default_factory=TrainConf)
     launcher: LauncherConf = field(default_factory=LauncherConf)
+    resume: ResumeConf = field(default_factory=ResumeConf)
+    inspect: InspectConf = field(default_factory=InspectConf)
+    diff: DiffConf = field(default_factory=DiffConf)
 
 
 def register() -> None:

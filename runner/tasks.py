@@ -15,13 +15,15 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nn_handler import NNHandler, rng, specs
-from nn_handler.checkpointing import CheckpointError, read_info
+from nn_handler.checkpointing import CheckpointError, diff as diff_checkpoints, inspect as inspect_checkpoint, read_info
+from nn_handler.checkpointing.io import safe_load
+from nn_handler.distributed import env_topology
 
-from . import reporting
+from . import drift, inspection, reporting
 from .callbacks import EpochProgressBar, PeriodicCheckpoint
 from .errors import RunnerError
 from .launch import RunContext
@@ -86,6 +88,12 @@ def checkpoint_path(cfg: DictConfig, ctx: RunContext) -> str:
     if value in (None, ""):
         raise RunnerError(f"task={cfg.task} needs checkpoint.path=FILE: the checkpoint to load, e.g. "
                           f"checkpoint.path=outputs/<date>/<time>/{CHECKPOINT_DIR}/{LAST} (a run directory works too)")
+    return resolve_checkpoint(value, "checkpoint.path", ctx)
+
+
+def resolve_checkpoint(value: Any, key: str, ctx: RunContext) -> str:
+    """The file that the config's ``key=value`` names, relative to the launch directory; a directory
+    means its ``last.pth`` (also under ``checkpoints/``), else its newest ``*.pth`` / ``*.pt``."""
     path = os.path.normpath(os.path.join(ctx.launch_dir, os.path.expanduser(str(value))))
     if os.path.isdir(path):
         for candidate in (os.path.join(path, LAST), os.path.join(path, CHECKPOINT_DIR, LAST)):
@@ -94,11 +102,11 @@ def checkpoint_path(cfg: DictConfig, ctx: RunContext) -> str:
         found = sorted((os.path.join(d, f) for d in (path, os.path.join(path, CHECKPOINT_DIR)) if os.path.isdir(d)
                         for f in os.listdir(d) if f.endswith((".pth", ".pt"))), key=os.path.getmtime)
         if not found:
-            raise RunnerError(f"checkpoint.path={value}: the directory {path} holds no checkpoint "
+            raise RunnerError(f"{key}={value}: the directory {path} holds no checkpoint "
                               f"({LAST} or *.pth / *.pt, also under {CHECKPOINT_DIR}/)")
         return found[-1]
     if not os.path.exists(path):
-        raise RunnerError(f"checkpoint.path={value}: no such file {path}"
+        raise RunnerError(f"{key}={value}: no such file {path}"
                           + ("" if os.path.isabs(str(value)) else f" (relative paths start at {ctx.launch_dir})"))
     return path
 
@@ -277,9 +285,132 @@ def _complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> Non
         _set_scheduler(h, cfg)
 
 
+
+# ---------------------------------------------------------------------------- run config, lineage, drift
+def run_config_of(cfg: DictConfig) -> Dict[str, Any]:
+    """The fully resolved run config as plain data (the task function's cfg holds no hydra node)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container.pop("hydra", None)
+    return specs.to_plain(container)
+
+
+def stored_metadata(path: str) -> Dict[str, Any]:
+    """The ``metadata`` a checkpoint holds (run config, lineage), read memory-mapped: no tensor data."""
+    try:
+        obj = safe_load(path, map_location="cpu", mmap=True)
+    except CheckpointError:
+        return {}
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    return dict(metadata) if isinstance(metadata, dict) else {}
+
+
+def _world_size() -> int:
+    topology = env_topology()
+    return int(topology.world_size) if topology.enabled else 1
+
+
+class Drift:
+    """The config of a load-based run against the run config stored in its checkpoint."""
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext, path: str, info: Dict[str, Any], choice: "ModelChoice"):
+        task = str(cfg.task)
+        self.previous: Dict[str, Any] = stored_metadata(path).get("run_config") or {}
+        current = run_config_of(cfg)
+        # What this run takes from the checkpoint instead of the config (null = "as recorded").
+        if task == "resume":
+            for key in ("optimizer", "scheduler"):
+                if not (ctx.given(key) or cfg.load[f"skip_{key}"]):
+                    current[key] = None
+        if info.get("loss_fn") and not ctx.given("loss"):
+            current["loss"] = None
+        keep = ["seed"] + (["optimizer", "scheduler"] if task == "finetune" else [])
+        # What this run's checkpoints store: the config it actually ran with.
+        # (a checkpoint without a run config still records its optimizer, scheduler and loss specs)
+        recorded = {"optimizer": info.get("optimizer"), "scheduler": info.get("scheduler"), "loss": info.get("loss_fn")}
+        self.effective = drift.inherit(current, {**recorded, **self.previous}, keep=keep)
+        self.effective["model"] = {specs.TARGET: choice.target, **_normalized(choice.kwargs)}
+        stored = dict(self.previous)
+        if stored:
+            stored["world_size"] = info.get("world_size")
+        self.differences = drift.classify(stored, {**current, "world_size": _world_size()}, task)
+        self.task = task
+
+    def report(self, model_differences: List[str], allow: bool) -> None:
+        """Log harmless ones, warn risky ones in one table; refuse fatal ones unless ``allow``."""
+        harmless = drift.by_level(self.differences, drift.HARMLESS)
+        risky = drift.by_level(self.differences, drift.RISKY)
+        fatal = drift.by_level(self.differences, drift.FATAL)
+        # The model's differences from the recorded one (defaults of the constructor filled in), named
+        # as config keys, then any other fatal difference from the stored run config.
+        fatal_lines = [("model class" + line[len("class"):]) if line.startswith("class:") else f"model.{line}"
+                       for line in model_differences]
+        named = {line.split(":", 1)[0] for line in fatal_lines}
+        fatal_lines += [f"{d.key}: checkpoint {d.stored!r} vs config {d.current!r}" for d in fatal
+                        if d.key not in named and not (d.key == "model._target_" and "model class" in named)]
+        rank0 = env_topology().rank == 0
+        if not self.previous and rank0:
+            log.info("the checkpoint records no run config (not written by the runner): only the model is compared")
+        if harmless and rank0:
+            log.info("config drift from the checkpoint (harmless): %s", drift.one_line(harmless))
+        if risky and rank0:
+            log.warning("config drift from the checkpoint: %d risky difference(s); the run goes on\n%s",
+                        len(risky), drift.table(risky))
+        if not fatal_lines:
+            return
+        if not allow:
+            raise RunnerError(f"task={self.task} needs the architecture of the checkpoint, but the configured model "
+                              f"differs: " + "; ".join(fatal_lines) + ". Drop model=... to use the recorded one, use "
+                              "task=finetune, or set resume.allow_drift=true to go on anyway")
+        if rank0:
+            log.warning("config drift from the checkpoint: the model differs (resume.allow_drift=true, going on): %s",
+                        "; ".join(fatal_lines))
+
+
+def _apply_resume_overrides(h: NNHandler, cfg: DictConfig, ctx: RunContext, info: Dict[str, Any]) -> None:
+    """``optimizer.*`` / ``scheduler.*`` given to a resume take effect on the restored components."""
+    if ctx.given("optimizer") and not cfg.load.skip_optimizer and h.optimizer is not None:
+        cls, kwargs = _component(cfg.optimizer, "optimizer")
+        if type(h.optimizer) is not cls:
+            log.warning("optimizer changed to %s: it starts with a fresh state", cfg.optimizer[specs.TARGET])
+            _set_optimizer(h, cfg)
+        else:
+            recorded = specs.split(info["optimizer"])[1] if info.get("optimizer") else {}
+            changed = {k: v for k, v in kwargs.items() if _normalized(recorded.get(k, drift.UNSET)) != _normalized(v)}
+            if changed:
+                optimizer_state = h.optimizer.state_dict()
+                scheduler_state = h.scheduler.state_dict() if h.scheduler is not None else None
+                try:
+                    h.set_optimizer(cls, **{**recorded, **kwargs})
+                except (TypeError, ValueError) as exc:
+                    raise RunnerError(f"optimizer ({cfg.optimizer[specs.TARGET]}): {exc}") from None
+                h.optimizer.load_state_dict(optimizer_state)  # moments and step counts continue
+                for group in h.optimizer.param_groups:
+                    for key, value in changed.items():
+                        if key in group:
+                            group[key] = tuple(value) if isinstance(value, list) else value
+                    if "lr" in changed and "initial_lr" in group:
+                        group["initial_lr"] = changed["lr"]
+                if scheduler_state is not None and h.scheduler is not None:
+                    h.scheduler.load_state_dict(scheduler_state)
+                    if "lr" in changed and hasattr(h.scheduler, "base_lrs"):
+                        h.scheduler.base_lrs = [changed["lr"]] * len(h.optimizer.param_groups)
+                log.info("resume: optimizer state restored, with %s from the config", kwargs_text(changed))
+    if ctx.given("scheduler") and not cfg.load.skip_scheduler and h.optimizer is not None:
+        log.info("resume: scheduler from the config (its schedule starts afresh)")
+        _set_scheduler(h, cfg)
+
+
+def kwargs_text(values: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
 # ---------------------------------------------------------------------------- training
-def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str]) -> Dict[str, Any]:
+def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str],
+         run_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     t = cfg.train
+    # Every checkpoint this run writes (last.pth, periodic ones, a callback's) records the resolved
+    # run config (the handler itself records the lineage: run id and parent file).
+    h.metadata["run_config"] = run_config if run_config is not None else run_config_of(cfg)
     ckpt_dir = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
     h.add_callback(EpochProgressBar(int(t.epochs), enabled=bool(t.progress_bar)))
     if cfg.checkpoint.save_every:
@@ -327,20 +458,27 @@ def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, not a training state to "
                           f"resume: use task=finetune model=... (or task=infer)")
     choice = ModelChoice(cfg, info, cfg.checkpoint.path)
-    differences = choice.differences()
-    if differences:
-        raise RunnerError("task=resume needs the architecture of the checkpoint, but the configured model differs: "
-                          + "; ".join(differences) + ". Drop model=... to use the recorded one, or use task=finetune")
-    h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    model_differences = choice.differences()
+    check = Drift(cfg, ctx, path, info, choice)
+    check.report(model_differences, allow=bool(cfg.resume.allow_drift))
+    if model_differences or drift.by_level(check.differences, drift.FATAL):
+        # allowed drift: the configured model, with the checkpoint's weights under load.strict
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
+            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
+    else:
+        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
     _complete_from_config(h, cfg, ctx)
+    _apply_resume_overrides(h, cfg, ctx, info)
     _set_data(h, cfg, info, require_train=True)
-    return _fit(h, cfg, ctx, checkpoint_read=path)
+    return _fit(h, cfg, ctx, checkpoint_read=path, run_config=check.effective)
 
 
 def finetune(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     path = checkpoint_path(cfg, ctx)
     info = _info(path, cfg.checkpoint.path)
     choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    check = Drift(cfg, ctx, path, info, choice)
+    check.report([], allow=True)
     if cfg.seed is not None:
         rng.seed_everything(int(cfg.seed))
     if info["kind"] != "handler":
@@ -361,7 +499,7 @@ def finetune(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         _set_loss(h, cfg)
     _set_metrics(h, cfg)
     _set_data(h, cfg, info if info["kind"] == "handler" else None, require_train=True)
-    return _fit(h, cfg, ctx, checkpoint_read=path)
+    return _fit(h, cfg, ctx, checkpoint_read=path, run_config=check.effective)
 
 
 def _targets(dataset: Any) -> Optional[torch.Tensor]:
@@ -428,5 +566,45 @@ def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     return record
 
 
+# ---------------------------------------------------------------------------- inspect, diff
+def _output_format(cfg: DictConfig, key: str) -> str:
+    value = str(cfg[key].format)
+    if value not in inspection.FORMATS:
+        raise RunnerError(f"{key}.format={value!r}: choose one of {', '.join(inspection.FORMATS)}")
+    return value
+
+
+def _emit(text: str) -> None:
+    if env_topology().rank == 0:
+        print(text, flush=True)
+
+
+def inspect_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    """Print what the checkpoint records; a damaged file is reported, then the command fails."""
+    fmt = _output_format(cfg, "inspect")
+    path = checkpoint_path(cfg, ctx)
+    report = inspect_checkpoint(path)
+    _emit(inspection.to_json(report) if fmt == "json" else inspection.format_inspect(report))
+    problem = inspection.damage(report)
+    if problem:
+        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} ({path}) cannot be trusted: {problem}")
+    return report
+
+
+def diff_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    """Print what differs between checkpoint.path (a) and diff.other (b)."""
+    fmt = _output_format(cfg, "diff")
+    a = checkpoint_path(cfg, ctx)
+    if cfg.diff.other in (None, ""):
+        raise RunnerError("task=diff needs diff.other=FILE: the checkpoint to compare checkpoint.path with")
+    b = resolve_checkpoint(cfg.diff.other, "diff.other", ctx)
+    result = diff_checkpoints(a, b)
+    _emit(inspection.to_json(result) if fmt == "json" else inspection.format_diff(result, top=int(cfg.diff.top)))
+    return result
+
+
 TASKS: Dict[str, Callable[[DictConfig, RunContext], Dict[str, Any]]] = {
-    "train": train, "resume": resume, "finetune": finetune, "infer": infer}
+    "train": train, "resume": resume, "finetune": finetune, "infer": infer, "inspect": inspect_task,
+    "diff": diff_task}
+# Tasks that only read files: never started as distributed workers.
+READ_ONLY_TASKS = ("inspect", "diff")
