@@ -86,6 +86,7 @@ class NNHandler:
         self._configure_logging(coerce_logging_mode(logger_mode))
         module = _PREBUILT.get()
         _PREBUILT.set(None)  # adopted once
+        adopted = module is not None
         if module is None:
             module = model_class(**model_kwargs)
         if not isinstance(module, nn.Module):
@@ -94,7 +95,10 @@ class NNHandler:
         self._model: nn.Module = self._module
         if self._dist.enabled:
             ids = [self._device.index] if self._device.type == "cuda" else None
-            self._model = nn.parallel.DistributedDataParallel(self._module, device_ids=ids)
+            # A module adopted from a checkpoint holds the same verified weights on every rank:
+            # DDP's initial broadcast of rank 0's parameters would only copy them again.
+            self._model = nn.parallel.DistributedDataParallel(self._module, device_ids=ids,
+                                                              **({"init_sync": False} if adopted else {}))
         # Each component's record: name -> (spec or None, reason it could not be recorded).
         # ``load`` rebuilds only nn.Module classes, so a factory function is not recordable.
         model_record = (specs.record(model_class, model_kwargs) if isinstance(model_class, type) else
