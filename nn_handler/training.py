@@ -492,6 +492,10 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
                 cb.on_epoch_end(h, epoch, logs)
             if store is not None and every_n_epochs and h.epoch % every_n_epochs == 0:
                 store.save(h)
+            if check_stop:  # a signal during validation or the last step stops here, between epochs
+                signum = stop_requested()
+                if signum:
+                    preempt(signum)
             if h.stop_training:
                 h.logger.info("training stopped by a callback after epoch %d", h.epoch)
                 break
