@@ -79,11 +79,12 @@ class DataSlot:
         return {"dataset": self.spec, "options": options}, reason
 
 
-def build_dataset(dataset: Any, what: str, *, from_file: bool) -> Tuple[Any, Optional[Dict[str, Any]]]:
+def build_dataset(dataset: Any, what: str, *, from_file: bool,
+                  trusted: Tuple[str, ...] = ()) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """A Dataset object, or a ``{"_target_": ...}`` spec built into one: ``(dataset, spec or None)``."""
     if isinstance(dataset, Mapping) or type(dataset).__name__ == "DictConfig":
         spec = specs.to_plain(dataset)
-        return specs.instantiate(spec, what, from_file=from_file), spec
+        return specs.instantiate(spec, what, from_file=from_file, trusted=trusted, expected=Dataset), spec
     return dataset, None
 
 

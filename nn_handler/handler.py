@@ -303,13 +303,14 @@ class NNHandler:
     def set_val_loader(self, dataset: Union[Dataset, Mapping[str, Any], None] = None, **dataloader_kwargs: Any) -> None:
         self._set_loader("val", dataset, dataloader_kwargs)
 
-    def _set_loader(self, name: str, dataset: Any, options: Dict[str, Any], *, from_file: bool = False) -> None:
+    def _set_loader(self, name: str, dataset: Any, options: Dict[str, Any], *, from_file: bool = False,
+                    trusted: Tuple[str, ...] = ()) -> None:
         slot = self._data[name]
         if dataset is None:
             raise TypeError(f"set_{name}_loader needs a dataset or a dataset spec")
         if not options and slot.missing_dataset:
             options = dict(slot.options)
-        built, spec = build_dataset(dataset, f"{name} dataset", from_file=from_file)
+        built, spec = build_dataset(dataset, f"{name} dataset", from_file=from_file, trusted=trusted)
         loader, sampler = build_loader(built, options, self._dist, pad=name == "train")
         self._data[name] = DataSlot(name, dataset=built, spec=spec, options=dict(options), loader=loader, sampler=sampler)
 
@@ -542,18 +543,24 @@ class NNHandler:
              skip_optimizer: bool = False, skip_scheduler: bool = False, skip_history: bool = False,
              skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False, *,
              model_class: Optional[Callable[..., nn.Module]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-             model_type: Optional[Union[ModelType, str]] = None) -> "NNHandler":
+             model_type: Optional[Union[ModelType, str]] = None, mmap: bool = False,
+             trusted_packages: Sequence[str] = ()) -> "NNHandler":
         """A handler rebuilt from a file written by ``save``; each ``skip_*`` leaves that part fresh.
 
         The keyword-only ``model_class``/``model_kwargs``/``model_type`` build that model
         instead of the recorded one (a new head for transfer learning, say); its weights
-        then load under ``strict_load``.
+        then load under ``strict_load``. ``mmap=True`` adopts the file's memory-mapped
+        tensors without copying them (fastest; the file must then not be rewritten in
+        place while the handler lives, which ``save`` never does). A file may name, besides
+        classes of each component's own kind, only nn_handler's and torch's own building
+        blocks and what lives in the model's package or in ``trusted_packages``.
         """
         from .checkpointing import load
         return load(cls, path, device=device, strict_load=strict_load, skip_optimizer=skip_optimizer,
                     skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
                     skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema, model_class=model_class,
-                    model_kwargs=model_kwargs, model_type=model_type)
+                    model_kwargs=model_kwargs, model_type=model_type, mmap=mmap,
+                    trusted_packages=trusted_packages)
 
     @classmethod
     def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike], model_class: Callable[..., nn.Module],

@@ -31,3 +31,44 @@ class LinearStack(nn.Sequential):
 
     def __init__(self, width: int = 4096, layers: int = 6):
         super().__init__(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+class ScoreMLP(nn.Module):
+    """A small score network for a VP SDE: ``model(t, x) -> score`` for samples of ``shape``.
+
+    The network predicts the noise ``eps(x_t, t)`` from the flattened sample and a sinusoidal
+    embedding of ``t`` (``embed_dim`` features, passed through a small MLP and added to every
+    hidden layer); the score is ``-eps / std(t)`` with ``std(t)`` the marginal standard
+    deviation of ``VPSDE(beta_min, beta_max)``, so denoising score matching regresses eps on the
+    noise. Give the same ``beta_min``/``beta_max`` as the SDE set on the handler.
+    """
+
+    def __init__(self, shape: Sequence[int] = (2,), hidden: int = 256, layers: int = 3, embed_dim: int = 32,
+                 beta_min: float = 0.1, beta_max: float = 20.0):
+        super().__init__()
+        import math
+        from .sde import VPSDE
+
+        self.shape = tuple(int(d) for d in shape)
+        self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
+        dim = 1
+        for d in self.shape:
+            dim *= d
+        half = max(1, embed_dim // 2)
+        self.register_buffer("freqs", torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(1000.0) / half)))
+        self.time = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(int(layers)))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        t = t.reshape(n).to(x.dtype)
+        angles = (t * 1000.0)[:, None] * self.freqs[None, :]
+        emb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
+        h = self.inp(x.reshape(n, -1)) + emb
+        for block in self.blocks:
+            h = h + block(h) + emb
+        eps = self.out(h).reshape(x.shape)
+        _, std = self.sde.marginal_prob(x, t)
+        return -eps / std.reshape(n, *([1] * (x.dim() - 1)))

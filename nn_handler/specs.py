@@ -157,38 +157,89 @@ def check_target_allowed(path: str, what: str) -> None:
             raise SpecError(f"{what}: refusing target {path!r} read from a checkpoint: it loads or runs code")
 
 
-def resolve(path: str, what: str, *, expected: Optional[type] = None, from_file: bool = True) -> Any:
-    """Import the target of a spec, with the safety rules for files, and check its kind."""
+# What a checkpoint may name besides a class of the component's own kind (an nn.Module model,
+# an Optimizer, a Callback, ...): classes and functions from these modules, and anything in
+# a trusted package (the model's own top-level package and those the caller names).
+_CLASS_MODULES = ("torch.nn", "torch.optim", "torch.utils.data", "nn_handler.sde", "nn_handler.sampler",
+                  "nn_handler.models", "nn_handler.callbacks")
+_FUNCTION_MODULES = ("torch.nn.functional", "nn_handler.metrics", "nn_handler.datasets", "nn_handler.training")
+_NEVER_TRUSTED = ("torch", "nn_handler")  # too wide as a whole: only the lists above
+
+
+class UntrustedTarget(SpecError):
+    """A spec read from a file names a callable outside the trusted classes, functions and packages."""
+
+
+def _within(path: str, modules: Tuple[str, ...]) -> bool:
+    return any(path.startswith(m + ".") for m in modules)
+
+
+def resolve(path: str, what: str, *, expected: Any = None, from_file: bool = True,
+            trusted: Tuple[str, ...] = ()) -> Any:
+    """Import the target of a spec and check its kind; from a file, only what may be trusted.
+
+    ``expected`` (a class or a tuple of classes) is what the component must be; without it
+    any callable will do. A target read from a file must be a class of the expected kind, or
+    a class (torch's and nn_handler's only from the modules listed above), or a function from
+    the modules listed above or from one of the ``trusted`` top-level packages. Functions are
+    what an attacker needs (``torch.utils.collect_env.run(command)``, say); anything else
+    raises UntrustedTarget without being called.
+    """
     if from_file:
         check_target_allowed(path, what)
     obj = import_object(path)
-    if expected is not None and not (isinstance(obj, type) and issubclass(obj, expected)):
-        raise SpecError(f"{what}: target {path!r} is not a subclass of "
-                        f"{expected.__module__}.{expected.__qualname__}")
-    if expected is None and not callable(obj):
+    kinds = expected if isinstance(expected, tuple) else ((expected,) if expected is not None else ())
+    if kinds and isinstance(obj, type) and issubclass(obj, kinds):
+        return obj
+    if from_file:
+        top = path.split(".", 1)[0]
+        if isinstance(obj, type):  # a class: torch's and ours only from the listed modules, others freely
+            allowed = _within(path, _CLASS_MODULES) if top in _NEVER_TRUSTED else True
+        else:  # a function: only the listed modules, or a package the caller trusts
+            allowed = _within(path, _FUNCTION_MODULES) or (top in trusted and top not in _NEVER_TRUSTED)
+        if not allowed:
+            kind = f"a {' or '.join(k.__qualname__ for k in kinds)} subclass, " if kinds else ""
+            raise UntrustedTarget(
+                f"{what}: not building {path!r} from a checkpoint: it is not {kind}nor a trusted class or "
+                f"function, and {top!r} is not a trusted package (pass trusted_packages=[{top!r}] to "
+                f"NNHandler.load if you trust it)")
+    if not callable(obj):
         raise SpecError(f"{what}: target {path!r} is not callable")
     return obj
 
 
-def _check_nested(value: Any, what: str) -> None:
-    if isinstance(value, Mapping):
-        if TARGET in value:
-            check_target_allowed(str(value[TARGET]), what)
-        for item in value.values():
-            _check_nested(item, what)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _check_nested(item, what)
+def build_from_file(spec: Any, what: str, trusted: Tuple[str, ...] = (), expected: Any = None) -> Any:
+    """Build a (possibly nested) spec read from a file: every target checked by ``resolve``, no
+    string interpolation (unlike Hydra's ``instantiate``), ``_args_`` and ``_partial_`` honoured."""
+    if isinstance(spec, Mapping) and TARGET in spec:
+        target = resolve(str(spec[TARGET]), what, expected=expected, trusted=trusted)
+        kwargs = {k: build_from_file(v, what, trusted) for k, v in spec.items()
+                  if k not in (TARGET, "_args_", "_partial_", "_convert_", "_recursive_")}
+        args = [build_from_file(v, what, trusted) for v in spec.get("_args_", ())]
+        if spec.get("_partial_"):
+            import functools
+            return functools.partial(target, *args, **kwargs)
+        try:
+            return target(*args, **kwargs)
+        except Exception as exc:
+            raise SpecError(f"{what}: building {spec[TARGET]!r} failed: {exc}") from exc
+    if isinstance(spec, Mapping):
+        return {k: build_from_file(v, what, trusted) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(build_from_file(v, what, trusted) for v in spec)
+    return spec
 
 
-def instantiate(spec: Mapping[str, Any], what: str, *, from_file: bool = True) -> Any:
-    """Build an object from a (possibly nested) spec with Hydra's ``instantiate``.
+def instantiate(spec: Mapping[str, Any], what: str, *, from_file: bool = True, trusted: Tuple[str, ...] = (),
+                expected: Any = None) -> Any:
+    """Build an object from a (possibly nested) spec.
 
-    Every ``_target_`` inside is checked first when the spec comes from a file.
+    A spec from the user's own code or config goes to Hydra's ``instantiate``; a spec read from
+    a file goes to ``build_from_file`` (checked targets, no interpolation).
     """
     path, _ = split(spec)
     if from_file:
-        _check_nested(dict(spec), what)
+        return build_from_file(dict(spec), what, trusted, expected)
     from hydra.utils import instantiate as hydra_instantiate
 
     try:

@@ -496,6 +496,10 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
                 signum = stop_requested()
                 if signum:
                     preempt(signum)
+            if distributed:  # a callback may decide on one rank only (history lives on rank 0)
+                flag = torch.tensor([int(bool(h.stop_training))], device=device if device.type == "cuda" else "cpu")
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                h.stop_training = bool(flag.item())
             if h.stop_training:
                 h.logger.info("training stopped by a callback after epoch %d", h.epoch)
                 break

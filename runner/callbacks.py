@@ -2,7 +2,6 @@
 ``recorded = False`` keeps them out of checkpoints."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -42,17 +41,3 @@ class EpochProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-class PeriodicCheckpoint(Callback):
-    """Saves ``<directory>/epoch_NNNN.pth`` every ``every`` epochs (every rank calls save; rank 0 writes)."""
-
-    recorded = False
-
-    def __init__(self, directory: str, every: int):
-        self.directory = directory
-        self.every = int(every)
-
-    def on_epoch_end(self, handler: Any, epoch: int, logs: Dict[str, float]) -> None:
-        if self.every > 0 and handler.epoch % self.every == 0:
-            handler.save(os.path.join(self.directory, f"epoch_{handler.epoch:04d}.pth"))

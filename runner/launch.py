@@ -197,8 +197,22 @@ def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[s
     _quiet_elastic()
     log.info("starting %d workers (elastic launch); per-rank logs in %s", nproc, ctx.output_dir)
     try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+    except ImportError:  # pragma: no cover
+        SignalException = ()  # type: ignore[assignment]
+    try:
         results = elastic_launch(config, _worker)(container, ctx)
+    except SignalException as exc:  # this process was signalled: the agent forwarded it to the workers
+        code = 128 + int(getattr(exc, "sigval", 15))
+        log.warning("stopped by signal %s: the workers saved a pre-emption checkpoint; exit code %d",
+                    getattr(exc, "sigval", "?"), code)
+        raise SystemExit(code) from None
     except ChildFailedError as exc:
+        codes = {getattr(f, "exitcode", None) for f in (getattr(exc, "failures", None) or {}).values()}
+        if len(codes) == 1 and codes <= {130, 138, 143}:  # the workers were pre-empted: same exit code
+            code = codes.pop()
+            log.warning("the workers stopped on a signal and saved a pre-emption checkpoint; exit code %d", code)
+            raise SystemExit(code) from None
         raise RunnerError(f"the distributed run failed ({_failure_message(exc)}); "
                           f"the rank logs are in {ctx.output_dir}") from exc
     return results.get(0) if results else None

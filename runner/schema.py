@@ -10,7 +10,7 @@ when the runner builds them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -19,11 +19,25 @@ SCHEMA_NAME = "runner_schema"
 
 @dataclass
 class CheckpointConf:
-    # The file to load (resume, finetune, infer), or a run directory holding checkpoints/last.pth.
+    # The file to load (resume, finetune, infer, sample), or a directory: its newest complete,
+    # verified checkpoint (searched recursively, ordered by training progress; damaged files skipped).
     # A relative path is relative to the directory the command was launched from.
     path: Optional[str] = None
-    # Also save checkpoints/epoch_NNNN.pth every this many epochs (0: only checkpoints/last.pth).
+    # Deprecated alias of save.every_n_epochs (used when that is not set); 0: off.
     save_every: int = 0
+
+
+@dataclass
+class SaveConf:
+    """Checkpoints a training task writes into ``<run dir>/checkpoints/`` (a CheckpointStore):
+    ``ckpt-eEEEE-sSSSSSSSSS[-tag].pth`` by progress, ``last.pth`` a link to the newest."""
+
+    every_n_steps: Optional[int] = None  # also every this many optimizer steps (mid-epoch: exact resume)
+    every_n_epochs: Optional[int] = None  # also every this many epochs
+    keep_last: Optional[int] = None  # keep only the newest N (null: keep all)
+    keep_best: Optional[int] = None  # and the best N by `monitor` (needs monitor)
+    monitor: Optional[str] = None  # e.g. val_loss, train_loss, val_accuracy
+    mode: str = "min"  # min | max
 
 
 @dataclass
@@ -94,6 +108,19 @@ class DiffConf:
 
 
 @dataclass
+class SampleConf:
+    """``task=sample`` (and the sample grids written while training a generative model)."""
+
+    n: int = 64  # how many samples
+    steps: int = 500  # predictor steps of the SDE solver
+    corrector_steps: int = 0  # Langevin corrector steps per time
+    shape: Optional[List[int]] = None  # one sample's shape; null: the model's `shape` kwarg, else the data's
+    value_range: Optional[List[float]] = None  # PNG: [lo, hi] -> black..white; null: the samples' min..max
+    every_n_epochs: int = 0  # training: a PNG grid in <run dir>/samples/ every N epochs (0: off)
+    seed: Optional[int] = 0  # training grids: fixed noise, so successive pictures are comparable
+
+
+@dataclass
 class ResumeConf:
     # Let a resume go on although the model differs from the checkpoint's (class or kwargs);
     # the difference is still reported as a warning.
@@ -102,7 +129,7 @@ class ResumeConf:
 
 @dataclass
 class RunnerConfig:
-    task: str = "train"  # set by the task group: train | resume | finetune | infer | inspect | diff
+    task: str = "train"  # set by the task group: train | resume | finetune | infer | sample | inspect | diff
     # The model class as a _target_ plus its constructor kwargs; empty means "the one recorded
     # in the checkpoint" (resume, finetune, infer).
     model: Dict[str, Any] = field(default_factory=dict)
@@ -114,6 +141,13 @@ class RunnerConfig:
     # name -> import path of fn(predictions, targets) -> float
     metrics: Dict[str, str] = field(default_factory=dict)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    save: SaveConf = field(default_factory=SaveConf)
+    # Re-running the same command (same hydra.run.dir) whose run directory already holds
+    # checkpoints continues from the newest valid one; train.epochs is then the run's total.
+    auto_resume: bool = False
+    # The SDE of a score-based model: a _target_ (e.g. nn_handler.sde.VPSDE) plus its kwargs; null: none.
+    sde: Optional[Dict[str, Any]] = None
+    sample: SampleConf = field(default_factory=SampleConf)
     load: LoadConf = field(default_factory=LoadConf)
     device: Optional[str] = None  # null: cuda:LOCAL_RANK under DDP, else cuda when available, else cpu
     seed: Optional[int] = 0  # null: do not re-seed (a resume continues the saved random streams)

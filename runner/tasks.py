@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -21,10 +22,12 @@ from torch import nn
 from nn_handler import NNHandler, rng, specs
 from nn_handler.checkpointing import CheckpointError, diff as diff_checkpoints, inspect as inspect_checkpoint, read_info
 from nn_handler.checkpointing.io import safe_load
+from nn_handler.checkpointing.store import CheckpointStore, NoCheckpointFound, find_latest
+from nn_handler.training import Preempted
 from nn_handler.distributed import env_topology
 
 from . import drift, inspection, reporting
-from .callbacks import EpochProgressBar, PeriodicCheckpoint
+from .callbacks import EpochProgressBar
 from .errors import RunnerError
 from .launch import RunContext
 
@@ -33,6 +36,9 @@ log = logging.getLogger("runner")
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pth"
 PREDICTIONS_FILE = "predictions.pt"
+SAMPLES_FILE = "samples.pt"
+SAMPLES_PNG = "samples.png"
+SAMPLES_DIR = "samples"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -56,6 +62,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     if task is None:
         raise RunnerError(f"task={cfg.task!r} is not a task: choose one of {', '.join(TASKS)}")
     with user_errors():
+        if bool(cfg.auto_resume) and str(cfg.task) in TRAINING_TASKS:
+            found = _own_checkpoint(ctx)
+            if found is not None:
+                return continue_run(cfg, ctx, found)
         return task(cfg, ctx)
 
 
@@ -93,22 +103,48 @@ def checkpoint_path(cfg: DictConfig, ctx: RunContext) -> str:
 
 def resolve_checkpoint(value: Any, key: str, ctx: RunContext) -> str:
     """The file that the config's ``key=value`` names, relative to the launch directory; a directory
-    means its ``last.pth`` (also under ``checkpoints/``), else its newest ``*.pth`` / ``*.pt``."""
+    means the newest complete, verified checkpoint inside it (searched recursively, ordered by the
+    training progress the files record; damaged or partial files are skipped with a warning)."""
     path = os.path.normpath(os.path.join(ctx.launch_dir, os.path.expanduser(str(value))))
     if os.path.isdir(path):
-        for candidate in (os.path.join(path, LAST), os.path.join(path, CHECKPOINT_DIR, LAST)):
-            if os.path.isfile(candidate):
-                return candidate
-        found = sorted((os.path.join(d, f) for d in (path, os.path.join(path, CHECKPOINT_DIR)) if os.path.isdir(d)
-                        for f in os.listdir(d) if f.endswith((".pth", ".pt"))), key=os.path.getmtime)
-        if not found:
-            raise RunnerError(f"{key}={value}: the directory {path} holds no checkpoint "
-                              f"({LAST} or *.pth / *.pt, also under {CHECKPOINT_DIR}/)")
-        return found[-1]
+        return newest_checkpoint(path, f"{key}={value}")
     if not os.path.exists(path):
         raise RunnerError(f"{key}={value}: no such file {path}"
                           + ("" if os.path.isabs(str(value)) else f" (relative paths start at {ctx.launch_dir})"))
     return path
+
+
+def newest_checkpoint(directory: str, what: str) -> str:
+    """``find_latest(directory)``; each file it skips is named in a warning (rank 0), none is a RunnerError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            found = find_latest(directory)
+        except NoCheckpointFound:
+            found = None
+    skipped = [str(w.message) for w in caught if str(w.message).startswith("skipping")]
+    if env_topology().rank == 0:
+        for message in skipped:
+            log.warning("%s", message)
+    if found is None:
+        raise RunnerError(f"{what}: no complete, verified checkpoint in the directory {directory} "
+                          f"(searched recursively{'; skipped: ' + '; '.join(skipped) if skipped else ''})")
+    if skipped and env_topology().rank == 0:
+        log.warning("using %s", found)
+    return str(found)
+
+
+def _own_checkpoint(ctx: RunContext) -> Optional[str]:
+    """auto_resume: the newest valid checkpoint in this run's ``checkpoints/``, or None."""
+    directory = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory) or not any(f.endswith((".pth", ".pt", ".ckpt")) for f in os.listdir(directory)):
+        return None
+    try:
+        return newest_checkpoint(directory, "auto_resume")
+    except RunnerError as exc:
+        if env_topology().rank == 0:
+            log.warning("auto_resume: %s; starting afresh", exc)
+        return None
 
 
 def _info(path: str, value: Any) -> Dict[str, Any]:
@@ -226,6 +262,8 @@ def _set_data(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]], *, 
 
 
 def _set_loss(h: NNHandler, cfg: DictConfig) -> None:
+    if not cfg.loss:  # null: the model type's own objective (score_based + sde: denoising score matching)
+        return
     fn, kwargs = _component(cfg.loss, "loss")
     try:
         h.set_loss_fn(fn, **kwargs)
@@ -233,7 +271,13 @@ def _set_loss(h: NNHandler, cfg: DictConfig) -> None:
         raise RunnerError(f"loss ({cfg.loss[specs.TARGET]}): {exc}") from None
 
 
+def _generative(h: NNHandler) -> bool:
+    return str(getattr(h.model_type, "value", h.model_type)) in ("score_based", "generative")
+
+
 def _set_metrics(h: NNHandler, cfg: DictConfig) -> None:
+    if _generative(h):  # metrics compare outputs with targets: a generative model's batches have neither
+        return
     for name, target in (_plain(cfg.metrics) or {}).items():
         h.add_metric(name, _import(target, f"metrics.{name}"))
 
@@ -257,6 +301,16 @@ def _set_scheduler(h: NNHandler, cfg: DictConfig) -> None:
         raise RunnerError(f"scheduler ({cfg.scheduler[specs.TARGET]}): {exc}") from None
 
 
+def _set_sde(h: NNHandler, cfg: DictConfig) -> None:
+    if not cfg.sde:
+        return
+    cls, kwargs = _component(cfg.sde, "sde")
+    try:
+        h.set_sde(cls, **kwargs)
+    except TypeError as exc:
+        raise RunnerError(f"sde ({cfg.sde[specs.TARGET]}): {exc}") from None
+
+
 def _new_handler(target: str, kwargs: Dict[str, Any], build: Callable[[], NNHandler]) -> NNHandler:
     """``build()``, with a model that cannot be built from its kwargs told as the user's error."""
     try:
@@ -270,13 +324,35 @@ def _load_flags(cfg: DictConfig) -> Dict[str, Any]:
     return dict(device=cfg.device, strict_load=bool(load.strict), skip_optimizer=bool(load.skip_optimizer),
                 skip_scheduler=bool(load.skip_scheduler), skip_history=bool(load.skip_history),
                 skip_callbacks=bool(load.skip_callbacks), skip_sampler_sde=bool(load.skip_sampler_sde),
-                skip_ema=bool(load.skip_ema))
+                skip_ema=bool(load.skip_ema), trusted_packages=_trusted_packages(cfg))
+
+
+def _trusted_packages(cfg: DictConfig) -> List[str]:
+    """Packages a checkpoint may name (besides the library's own rules): this runner's and those
+    of every ``_target_`` in the user's own config, which the user vouches for by running it."""
+    found = {"runner"}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if isinstance(target, str) and target:
+                found.add(target.split(".", 1)[0])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=False))
+    return sorted(found)
 
 
 def _complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
     """After a load: what the checkpoint did not bring back (or the user set again) comes from the config."""
     if h.loss_fn is None or ctx.given("loss"):
         _set_loss(h, cfg)
+    if h.sde is None or ctx.given("sde"):
+        _set_sde(h, cfg)
     _set_metrics(h, cfg)
     if h.optimizer is None:
         _set_optimizer(h, cfg)
@@ -405,31 +481,131 @@ def kwargs_text(values: Dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- training
-def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str],
-         run_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    t = cfg.train
-    # Every checkpoint this run writes (last.pth, periodic ones, a callback's) records the resolved
-    # run config (the handler itself records the lineage: run id and parent file).
-    h.metadata["run_config"] = run_config if run_config is not None else run_config_of(cfg)
-    ckpt_dir = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
-    h.add_callback(EpochProgressBar(int(t.epochs), enabled=bool(t.progress_bar)))
-    if cfg.checkpoint.save_every:
-        h.add_callback(PeriodicCheckpoint(ckpt_dir, int(cfg.checkpoint.save_every)))
-    log.info("%s: %s on %s, world size %d, from epoch %d, %d epoch(s)", cfg.task, type(h.module).__name__,
-             h.device, h.world_size, h.epoch, int(t.epochs))
+def _store(cfg: DictConfig, directory: str) -> CheckpointStore:
+    save = cfg.save
     try:
-        h.train(int(t.epochs), validate_every=t.validate_every, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        return CheckpointStore(directory, keep_last=save.keep_last, keep_best=save.keep_best, monitor=save.monitor,
+                               mode=str(save.mode))
+    except ValueError as exc:
+        raise RunnerError(f"save: {exc}") from None
+
+
+def _every(cfg: DictConfig) -> Tuple[Optional[int], Optional[int]]:
+    """``(every_n_steps, every_n_epochs)`` of ``save.*`` (``checkpoint.save_every``: the old name of the second)."""
+    steps, epochs = cfg.save.every_n_steps, cfg.save.every_n_epochs
+    for key, value in (("save.every_n_steps", steps), ("save.every_n_epochs", epochs)):
+        if value is not None and int(value) < 0:
+            raise RunnerError(f"{key} must be >= 0 (0 or null: off), got {value}")
+    if not epochs and cfg.checkpoint.save_every:
+        if env_topology().rank == 0:
+            log.warning("checkpoint.save_every is deprecated: use save.every_n_epochs")
+        epochs = cfg.checkpoint.save_every
+    return (int(steps) if steps else None), (int(epochs) if epochs else None)
+
+
+def _sample_shape(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]] = None) -> List[int]:
+    """One sample's shape: ``sample.shape``, else the model's ``shape`` kwarg, else the training data's."""
+    if cfg.sample.shape:
+        return [int(d) for d in cfg.sample.shape]
+    kwargs = ((info or {}).get("model") or {}).get("kwargs") or {}
+    shape = kwargs.get("shape") or getattr(h.module, "shape", None)
+    if shape:
+        return [int(d) for d in shape]
+    dataset = h.train_loader.dataset if h.train_loader is not None else None
+    if dataset is None:
+        recorded = (((info or {}).get("data") or {}).get("train") or {}).get("dataset")
+        if recorded is not None:
+            dataset = specs.instantiate(recorded, "the checkpoint's train dataset", from_file=True)
+    if dataset is None:
+        raise RunnerError("sample.shape is needed: one sample's shape, e.g. sample.shape=[1,8,8] (the model has no "
+                          "`shape` kwarg and no training data is recorded)")
+    first = dataset[0]
+    x = first[0] if isinstance(first, (list, tuple)) else first
+    return list(x.shape)
+
+
+def _sample_grid(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> Optional[Any]:
+    """``sample.every_n_epochs``: a SampleGrid writing into this run's ``samples/`` (a restored one is moved here)."""
+    every = int(cfg.sample.every_n_epochs or 0)
+    if every <= 0 or not _generative(h):
+        return None
+    from nn_handler.callbacks import SampleGrid
+
+    directory = os.path.join(ctx.output_dir, SAMPLES_DIR)
+    for cb in h.callbacks:
+        if isinstance(cb, SampleGrid):
+            cb.dirpath = directory
+            if isinstance(getattr(cb, "_init_kwargs", None), dict) and "dirpath" in cb._init_kwargs:
+                cb._init_kwargs["dirpath"] = directory
+            return cb
+    value_range = list(cfg.sample.value_range) if cfg.sample.value_range else None
+    grid = SampleGrid(_sample_shape(h, cfg), every_n_epochs=every, n=int(cfg.sample.n), steps=int(cfg.sample.steps),
+                      corrector_steps=int(cfg.sample.corrector_steps), seed=cfg.sample.seed, dirpath=directory,
+                      value_range=value_range)
+    h.add_callback(grid)
+    return grid
+
+
+def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str],
+         run_config: Optional[Dict[str, Any]] = None, epochs: Optional[int] = None,
+         seed: Any = "config") -> Dict[str, Any]:
+    t = cfg.train
+    epochs = int(t.epochs) if epochs is None else int(epochs)
+    seed = cfg.seed if seed == "config" else seed
+    # Every checkpoint this run writes (last.pth, periodic ones, a callback's) records the resolved
+    # run config (the handler itself records the lineage: run id and parent file) and the epoch
+    # the run trains up to (auto_resume of a requeued resume/finetune continues to it).
+    h.metadata["run_config"] = run_config if run_config is not None else run_config_of(cfg)
+    h.metadata["runner"] = {"task": str(cfg.task), "target_epoch": h.epoch + epochs}
+    ckpt_dir = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
+    store = _store(cfg, ckpt_dir)
+    every_n_steps, every_n_epochs = _every(cfg)
+    last = os.path.join(ckpt_dir, LAST)
+    # Without periodic saves (and nothing of the store's here yet) the final checkpoint is a plain
+    # last.pth; otherwise it goes through the store too and last.pth links to the newest file.
+    # (Decided before training, from what every rank sees alike.)
+    through_store = bool(every_n_steps or every_n_epochs) or os.path.islink(last) or (
+        os.path.isdir(ckpt_dir) and any(f.startswith("ckpt-") for f in os.listdir(ckpt_dir)))
+    h.add_callback(EpochProgressBar(epochs, enabled=bool(t.progress_bar)))
+    grid = _sample_grid(h, cfg, ctx)
+    log.info("%s: %s on %s, world size %d, from epoch %d, %d epoch(s)", cfg.task, type(h.module).__name__,
+             h.device, h.world_size, h.epoch, epochs)
+    try:
+        h.train(epochs, validate_every=t.validate_every, gradient_accumulation_steps=t.gradient_accumulation_steps,
                 use_amp=t.use_amp, gradient_clipping_norm=t.gradient_clipping_norm, ema_decay=t.ema_decay,
-                seed=cfg.seed, progress_bar=False)
+                seed=seed, progress_bar=False, checkpoint_dir=store, save_every_n_steps=every_n_steps,
+                save_every_n_epochs=every_n_epochs, handle_signals=True)
+    except Preempted as exc:
+        record = reporting.training_metrics(h, str(cfg.task), checkpoint_read, exc.checkpoint, status="preempted",
+                                            signal=exc.signum, exit_code=exc.code)
+        if h.rank == 0:
+            reporting.write_metrics(ctx.output_dir, record)
+            log.warning("stopped by signal %d at epoch %d, step %d: checkpoint %s; exit code %s. To continue: "
+                        "re-run the same command with auto_resume=true (same hydra.run.dir), or "
+                        "task=resume checkpoint.path=%s", exc.signum, h.epoch, h.global_step, exc.checkpoint,
+                        exc.code, ctx.output_dir)
+        raise
     except (ValueError, TypeError) as exc:
         if "must be" in str(exc):  # the library's validation of train.* settings
             raise RunnerError(f"train: {exc}") from None
         raise
-    last = os.path.join(ckpt_dir, LAST)
-    h.save(last)
-    record = reporting.training_metrics(h, str(cfg.task), checkpoint_read, last)
+    if grid is not None and epochs and h.epoch % grid.every_n_epochs != 0:
+        grid.write(h)  # the final picture (every rank samples its share; rank 0 writes)
+    if not epochs and checkpoint_read is not None:
+        written = checkpoint_read  # nothing left to train (auto_resume of a finished run): nothing to save
+    elif through_store:
+        written = str(store.save(h))
+    else:
+        h.save(last)
+        written = last
+    record = reporting.training_metrics(h, str(cfg.task), checkpoint_read, written, status="completed")
     if h.rank == 0:
         reporting.write_metrics(ctx.output_dir, record)
+        for name, plot in (("losses.png", h.plot_losses), ("metrics.png", h.plot_metrics)):
+            try:
+                plot(os.path.join(ctx.output_dir, name))
+            except Exception as exc:  # pictures are a convenience: never fail a finished run for them
+                log.debug("no %s: %s", name, exc)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                             if isinstance(v, float) and k.startswith(("train_", "val_")))
         log.info("done after epoch %d: %s", h.epoch, summary)
@@ -444,11 +620,37 @@ def train(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     h = _new_handler(cfg.model[specs.TARGET], kwargs, lambda: NNHandler(
         cls, device=cfg.device, model_type=cfg.model_type or "classification", **kwargs))
     _set_loss(h, cfg)
+    _set_sde(h, cfg)
     _set_metrics(h, cfg)
     _set_optimizer(h, cfg)
     _set_scheduler(h, cfg)
     _set_data(h, cfg, None, require_train=True)
     return _fit(h, cfg, ctx, checkpoint_read=None)
+
+
+def continue_run(cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
+    """auto_resume: this run directory already holds ``path``; go on from it up to the run's total.
+
+    ``task=train``: ``train.epochs`` is the total. A requeued ``resume``/``finetune`` trains up to
+    the epoch its first attempt aimed at (recorded in the checkpoint). Everything comes back from
+    the file (the run's own): weights, optimizer, scheduler, EMA, data, random streams, position.
+    """
+    h = NNHandler.load(path, device=cfg.device, model_type=cfg.model_type, trusted_packages=_trusted_packages(cfg))
+    _complete_from_config(h, cfg, ctx)
+    recorded = h.metadata.get("runner") or {}
+    target = int(cfg.train.epochs) if str(cfg.task) == "train" or not recorded.get("target_epoch") \
+        else int(recorded["target_epoch"])
+    if h.train_loader is None:
+        _set_data(h, cfg, _info(path, path), require_train=True)
+    position = " (inside epoch %d)" % (h.epoch + 1) if h._resume_position else ""
+    if h.rank == 0:
+        log.info("auto_resume: continuing from %s: epoch %d%s, step %d, of %d epoch(s) in all", path, h.epoch,
+                 position, h.global_step, target)
+    epochs = max(0, target - h.epoch)
+    if epochs == 0 and h._resume_position:
+        epochs = 1
+    return _fit(h, cfg, ctx, checkpoint_read=path, run_config=h.metadata.get("run_config"), epochs=epochs,
+                seed=None)
 
 
 def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
@@ -566,6 +768,58 @@ def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     return record
 
 
+# ---------------------------------------------------------------------------- sample
+def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    """``h.sample`` from a trained generative model: ``samples.pt`` (the tensor) and ``samples.png``.
+
+    The EMA weights are used when the checkpoint has them, unless ``load.skip_ema=true`` (then the
+    live weights). ``seed`` fixes the noise (null: the global random stream).
+    """
+    path = checkpoint_path(cfg, ctx)
+    info = _info(path, cfg.checkpoint.path)
+    if info["kind"] != "handler":
+        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights: task=sample needs a "
+                          f"checkpoint of a trained generative model (with its SDE or sampler)")
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    if choice.configured:
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
+            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
+    else:
+        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    if h.sde is None or ctx.given("sde"):
+        _set_sde(h, cfg)
+    shape = _sample_shape(h, cfg, info)
+    n, steps = int(cfg.sample.n), int(cfg.sample.steps)
+    if n < 1 or steps < 1:
+        raise RunnerError(f"sample.n and sample.steps must be >= 1, got {n} and {steps}")
+    use_ema = not bool(cfg.load.skip_ema)
+    h.eval()
+    try:
+        samples = h.sample([n, *shape], steps, corrector_steps=int(cfg.sample.corrector_steps),
+                           seed=None if cfg.seed is None else int(cfg.seed), use_ema=use_ema)
+    except RuntimeError as exc:
+        if "sde" in str(exc).lower() or "sampler" in str(exc).lower():
+            raise RunnerError(f"task=sample: {exc}") from None
+        raise
+    weights = "ema" if use_ema and h.ema is not None else "live"
+    record: Dict[str, Any] = {"task": "sample", "epoch": h.epoch, "train_loss": None, "val_loss": None,
+                              "samples": n, "shape": [n, *shape], "steps": steps, "seed": cfg.seed,
+                              "weights": weights, "world_size": h.world_size, "checkpoint_read": path,
+                              "checkpoint_written": None}
+    if h.rank == 0:
+        from nn_handler.plotting import save_samples_png
+
+        out = os.path.join(ctx.output_dir, SAMPLES_FILE)
+        torch.save(samples, out)
+        value_range = list(cfg.sample.value_range) if cfg.sample.value_range else None
+        png = save_samples_png(samples, os.path.join(ctx.output_dir, SAMPLES_PNG), value_range=value_range,
+                               title=f"{n} samples, {steps} steps, {weights} weights, epoch {h.epoch}")
+        reporting.write_metrics(ctx.output_dir, record)
+        log.info("sampled %d x %s from %s (%s weights)", n, shape, path, weights)
+        print(f"samples: {out}\npicture: {png}", flush=True)
+    return record
+
+
 # ---------------------------------------------------------------------------- inspect, diff
 def _output_format(cfg: DictConfig, key: str) -> str:
     value = str(cfg[key].format)
@@ -604,7 +858,9 @@ def diff_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
 
 
 TASKS: Dict[str, Callable[[DictConfig, RunContext], Dict[str, Any]]] = {
-    "train": train, "resume": resume, "finetune": finetune, "infer": infer, "inspect": inspect_task,
-    "diff": diff_task}
+    "train": train, "resume": resume, "finetune": finetune, "infer": infer, "sample": sample_task,
+    "inspect": inspect_task, "diff": diff_task}
+# Tasks that train (and so save checkpoints, honour auto_resume and pre-emption).
+TRAINING_TASKS = ("train", "resume", "finetune")
 # Tasks that only read files: never started as distributed workers.
 READ_ONLY_TASKS = ("inspect", "diff")

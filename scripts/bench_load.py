@@ -6,8 +6,10 @@ then runs each variant in a fresh process, alternating, several times:
 
   read           read the file's bytes (page cache) into memory
   naive          torch.load + build the model + load_state_dict + Adam load_state_dict
-  handler        NNHandler.load (checksum verified)
-  handler_noverify  NNHandler.load with verification switched off
+  handler        NNHandler.load (checksum verified; tensors copied into the process's own memory)
+  handler_noverify  the same with verification switched off
+  handler_mmap   NNHandler.load(mmap=True): the file's mapped tensors adopted, no copy
+  handler_mmap_noverify  the same with verification switched off
   fresh          a freshly built handler (no load), for the memory baseline
   torch_save     torch.save of the same state + fsync
   handler_save   NNHandler.save (checksum, fsync, atomic replace)
@@ -108,10 +110,10 @@ def child(variant: str, path: str, out: str) -> None:
         result["time"] = time.perf_counter() - t
         _step(model, opt)
         result["time_step"] = time.perf_counter() - t
-    elif variant in ("handler", "handler_noverify"):
-        ckpt_io._VERIFY_CHECKSUMS = variant == "handler"
+    elif variant in ("handler", "handler_noverify", "handler_mmap", "handler_mmap_noverify"):
+        ckpt_io._VERIFY_CHECKSUMS = not variant.endswith("noverify")
         t = time.perf_counter()
-        h = NNHandler.load(path, device="cpu")
+        h = NNHandler.load(path, device="cpu", mmap=variant.startswith("handler_mmap"))
         result["time"] = time.perf_counter() - t
         _step(h.model, h.optimizer)
         result["time_step"] = time.perf_counter() - t
@@ -175,8 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write the ~1.2 GB checkpoint (default: a temp dir)")
-    parser.add_argument("--variants", default="read,naive,handler,handler_noverify,fresh,torch_save,handler_save,"
-                                                "handler_save_nochecksum,ddp2")
+    parser.add_argument("--variants", default="read,naive,handler,handler_noverify,handler_mmap,handler_mmap_noverify,"
+                                                "fresh,torch_save,handler_save,handler_save_nochecksum,ddp2")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(dir=args.dir, prefix="bench_load_")
     path = os.path.join(workdir, "big.pt")
@@ -189,12 +191,25 @@ def main() -> None:
             results[v].append(run(v, path, workdir))
             print(f"rep {rep} {v}: {results[v][-1]}", file=sys.stderr, flush=True)
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in results.items()}
-    os.unlink(path)
     summary = {"file_gb": round(size / 1e9, 3), "medians": med}
     if {"handler", "naive", "read"} <= set(med):
         summary["load_vs_naive"] = med["handler"]["time"] / med["naive"]["time"]
         summary["load_vs_read"] = med["handler"]["time"] / med["read"]["time"]
         summary["load_step_vs_naive_load_step"] = med["handler"]["time_step"] / med["naive"]["time_step"]
+    if {"handler_mmap", "naive", "read"} <= set(med):
+        summary["mmap_load_vs_naive"] = med["handler_mmap"]["time"] / med["naive"]["time"]
+        summary["mmap_load_vs_read"] = med["handler_mmap"]["time"] / med["read"]["time"]
+        summary["mmap_load_step_vs_naive_load_step"] = med["handler_mmap"]["time_step"] / med["naive"]["time_step"]
+    if {"handler_mmap", "fresh"} <= set(med):
+        summary["mmap_extra_peak_rss_fraction_of_file"] = \
+            (med["handler_mmap"]["peak_rss_mb"] - med["fresh"]["peak_rss_mb"]) * 1024 * 1024 / os.path.getsize(path) \
+            if os.path.exists(path) else None
+    if {"handler_mmap", "handler_mmap_noverify"} <= set(med):
+        summary["mmap_load_verify_overhead"] = med["handler_mmap"]["time"] / med["handler_mmap_noverify"]["time"] - 1
+        summary["mmap_load_step_verify_overhead"] = \
+            med["handler_mmap"]["time_step"] / med["handler_mmap_noverify"]["time_step"] - 1
+    if {"handler", "handler_noverify"} <= set(med):
+        summary["load_step_verify_overhead"] = med["handler"]["time_step"] / med["handler_noverify"]["time_step"] - 1
     if {"handler", "fresh"} <= set(med):
         summary["extra_peak_rss_fraction_of_file"] = (med["handler"]["peak_rss_mb"] - med["fresh"]["peak_rss_mb"]) \
             * 1024 * 1024 / size
@@ -206,6 +221,7 @@ def main() -> None:
         summary["save_checksum_overhead"] = med["handler_save"]["time"] / med["handler_save_nochecksum"]["time"] - 1
     if {"ddp2", "handler"} <= set(med):
         summary["ddp2_load_vs_single"] = med["ddp2"]["time"] / med["handler"]["time"]
+    os.unlink(path)
     print(json.dumps(summary))
 
 

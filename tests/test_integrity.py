@@ -193,7 +193,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(saved, tmp_path, monkey
     def full(self, view):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_io._ChunkedCRCWriter, "_write_all", full)
+    monkeypatch.setattr(ckpt_io._ChunkedCRCWriter, "_write_some", full)
     with pytest.raises(OSError) as info:
         original.save(target)
     assert info.value.errno == errno.ENOSPC and str(target) in str(info.value) and "intact" in str(info.value)
@@ -230,3 +230,81 @@ def test_loaded_state_is_not_tied_to_a_file_that_a_later_save_replaces(tmp_path)
     for k, s in loaded.optimizer.state_dict()["state"].items():
         for n, t in opt_state[k].items():
             assert torch.equal(s[n], t)
+
+
+def test_loaded_weights_survive_the_file_being_rewritten_in_place(tmp_path):
+    """Exporting the weights back over the file they came from (a plain torch.save truncates and
+    rewrites it in place) must neither crash the process nor change the loaded state."""
+    script = f"""
+import os, torch
+from nn_handler import NNHandler
+from nn_handler.models import MLP
+p = {str(tmp_path / 'w.pt')!r}
+NNHandler(MLP, in_features=8, out_features=3).save(p)
+for load in (lambda: NNHandler.initialize_from_checkpoint(p, MLP, in_features=8, out_features=3),
+             lambda: NNHandler.load(p)):
+    h = load()
+    before = {{k: v.clone() for k, v in h.module.state_dict().items()}}
+    with open(p, "wb"):
+        pass  # truncated to nothing while the handler lives
+    torch.save(h.module.state_dict(), p)
+    assert all(torch.equal(v, before[k]) for k, v in h.module.state_dict().items())
+    assert os.path.getsize(p) > 0
+    NNHandler(MLP, in_features=8, out_features=3).save(p)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_mmap_load_adopts_the_mapped_tensors_without_a_copy(saved):
+    path, original = saved
+    fast = NNHandler.load(path, mmap=True)
+    safe = NNHandler.load(path)
+    assert _same_state(fast, original) and _same_state(safe, original)
+
+    def mapped_from_file(tensor) -> bool:
+        ptr = tensor.untyped_storage().data_ptr()
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[-1] == str(path):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return True
+        return False
+
+    assert mapped_from_file(fast.module.net[0].weight)  # the file's own pages, no copy
+    assert not mapped_from_file(safe.module.net[0].weight)  # the default owns its memory
+
+
+def test_a_file_cannot_make_load_call_functions_outside_the_trusted_ones(tmp_path):
+    """The checksum is no defence (a forger rewrites it): targets read from a file are checked."""
+    from nn_handler import NNHandlerWarning
+    marker = tmp_path / "pwned"
+    h = _trained_handler()
+    state = h.state_dict()
+    payload = {"_target_": "torch.utils.collect_env.run", "command": f"touch {marker}"}
+    state["sde"] = {"spec": payload}
+    state["data"]["train"]["dataset"] = payload
+    state["data"]["val"] = {"dataset": {"_target_": "nn_handler.datasets.synthetic_classification",
+                                        "n": "${oc.env:HOME}"}, "options": {}}  # no interpolation either
+    forged = tmp_path / "forged.pt"
+    ckpt_io.atomic_save(state, forged)
+    with pytest.warns(NNHandlerWarning) as record:
+        loaded = NNHandler.load(forged)
+    assert not marker.exists()
+    text = " ".join(str(w.message) for w in record)
+    assert "not building 'torch.utils.collect_env.run'" in text and "trusted_packages" in text
+    assert loaded.sde is None and loaded.train_loader is None
+    assert _same_state(loaded, h)  # the rest of the file still loads
+
+
+def test_trusted_packages_let_a_file_name_the_users_own_functions(tmp_path):
+    h = _trained_handler()
+    state = h.state_dict()
+    state["data"]["train"]["dataset"] = {"_target_": "safety_helpers.tiny_dataset", "n": 8}
+    path = tmp_path / "mine.pt"
+    ckpt_io.atomic_save(state, path)
+    with pytest.warns(Warning, match="'safety_helpers' is not a trusted package"):
+        assert NNHandler.load(path).train_loader is None
+    assert len(NNHandler.load(path, trusted_packages=["safety_helpers"]).train_loader.dataset) == 8

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -21,7 +21,7 @@ from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckp
                      UnsafeCheckpointError)
 from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
-from .fastload import build_module_from_weights
+from .fastload import build_module_from_weights, materialize
 from .state import canonical_state_dict, dump, load_model_weights, rank_state, restore
 from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
 from ..handler import prebuilt_module
@@ -87,7 +87,12 @@ def _checked(obj: Any, path: PathLike, verified: bool) -> Any:
     return obj
 
 
-def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo") -> Any:
+def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", keep_mapped: bool = False) -> Any:
+    obj = _read_mapped(path, device, info)
+    return obj if keep_mapped else materialize(obj)
+
+
+def _read_mapped(path: PathLike, device: torch.device, info: "distributed.DistInfo") -> Any:
     """The verified contents of ``path`` on every rank, memory-mapped (tensors read on first use).
 
     Under DDP the ranks split the checksum work (each hashes every world_size-th chunk, then
@@ -184,19 +189,29 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
          skip_optimizer: bool = False, skip_scheduler: bool = False, skip_history: bool = False,
          skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False, *,
          model_class: Optional[type] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-         model_type: Optional[Union[ModelType, str]] = None) -> "NNHandler":
+         model_type: Optional[Union[ModelType, str]] = None, mmap: bool = False,
+         trusted_packages: Sequence[str] = ()) -> "NNHandler":
     """A handler rebuilt from a file written by ``NNHandler.save``.
 
     ``device=None`` means the DDP-assigned device (cuda:LOCAL_RANK or cpu) under DDP,
     otherwise cuda when available, else cpu. Tensors are mapped straight onto it. Each
     ``skip_*`` flag leaves that component as a fresh handler has it. The keyword-only
     ``model_class``/``model_kwargs``/``model_type`` build that model instead of the
-    recorded one (its weights then load under ``strict_load``).
+    recorded one (its weights then load under ``strict_load``). ``mmap=True`` keeps the
+    tensors memory-mapped from the file (no copy at all, fastest); the file must then not be
+    rewritten in place while the handler lives (``save`` never does: it replaces the file).
+
+    What a file may make us build: any class of a component's own kind (an ``nn.Module``
+    model or loss, an ``Optimizer``, a scheduler, a ``Callback``, a ``Dataset``, an SDE or
+    sampler of nn_handler's bases), torch's and nn_handler's own classes and functions for
+    losses, metrics and data, and anything in the model's top-level package or in
+    ``trusted_packages``. Other targets are not called: that component is not restored, with
+    a warning that names it and the package to trust.
     """
     info = distributed.setup(None)  # join the job first, so that all ranks can agree on the outcome
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(path)
-    obj = _read(path, target, info)  # raises on every rank if the file fails on any
+    obj = _read(path, target, info, keep_mapped=mmap)  # raises on every rank if the file fails on any
     state, error = None, None
     try:
         state = _format.check_and_migrate(obj, path_str)
@@ -207,9 +222,13 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
     try:
         handler = restore(handler_class, state, path_str, target, strict_load, skip_optimizer, skip_scheduler,
                           skip_history, skip_callbacks, skip_sampler_sde, skip_ema, model_class=model_class,
-                          model_kwargs=model_kwargs, model_type=model_type)
-    except Exception as exc:
+                          model_kwargs=model_kwargs, model_type=model_type,
+                          trusted_packages=tuple(trusted_packages))
+    except (CheckpointError, FileNotFoundError, Warning) as exc:  # (a warning the caller made an error)
         error = exc
+    except Exception as exc:  # a file with the right checksum but fields that do not make sense
+        error = IncompatibleCheckpointError(path_str, f"cannot restore from this file: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
     distributed.agree(error, info, f"restoring from {path_str}", path_str)
     return handler
 

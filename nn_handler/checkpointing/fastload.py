@@ -8,14 +8,21 @@ memory, no initialisation) and ``load_state_dict(assign=True)`` makes the loaded
 or extra keys, other dtypes, tied weights, non-persistent buffers, a constructor that
 cannot run on meta) returns None and the caller takes the ordinary path.
 
-Memory-mapped tensors are private mappings of the file's inode. ``save`` never rewrites a
-file in place (it writes a new file and renames it over the old one), so a later save to
-the same path cannot change a loaded handler's state; the first optimizer step turns the
-mapped pages into the process's own memory page by page (copy on write).
+The file is read through a memory map and, by default, every tensor is copied into the
+process's own memory at once, the mapped pages of each being released right after its copy
+(``materialize``): no state stays tied to the file, so a later write to the same path (ours
+replaces the file, but a plain ``torch.save`` truncates and rewrites it in place) can neither
+change the loaded weights nor crash the process, and peak memory stays about one copy.
+``NNHandler.load(..., mmap=True)`` keeps the mapped tensors instead (no copy at all; the first
+optimizer step copies pages on write): fastest, for files nothing rewrites in place.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
+
+import ctypes
+import mmap as _mmap
+import sys
 
 import torch
 from torch import nn
@@ -47,9 +54,22 @@ def build_module_from_weights(model_class: Callable[..., nn.Module], model_kwarg
                 or not _on(loaded, device):
             return None
     module.load_state_dict(weights, strict=True, assign=True)
-    if any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers()):
-        return None
+    if any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers()) or \
+            any(_holds_meta(vars(m)) for m in module.modules()):
+        return None  # e.g. a tensor kept as a plain attribute: only a real constructor makes it
     return module
+
+
+def _holds_meta(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    if depth > 3 or isinstance(value, nn.Module):
+        return False
+    if isinstance(value, dict):
+        return any(_holds_meta(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_meta(v, depth + 1) for v in value)
+    return False
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -59,3 +79,37 @@ def _on(tensor: torch.Tensor, device: torch.device) -> bool:
     if device.index is None:
         return device.type != "cuda" or tensor.device.index == torch.cuda.current_device()
     return tensor.device.index == device.index
+
+
+_PAGE = _mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Drop the (unmodified, file-backed) pages under ``tensor`` from this process's memory."""
+    if _libc is None or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    start = (start + _PAGE - 1) // _PAGE * _PAGE
+    end = end // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def materialize(obj: Any) -> Any:
+    """``obj`` with every CPU tensor copied into ordinary memory, each source's mapped pages released."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            return obj
+        copy = obj.clone()
+        _release(obj)
+        return copy
+    if isinstance(obj, dict):
+        return {k: materialize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [materialize(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(materialize(v) for v in obj)
+    return obj

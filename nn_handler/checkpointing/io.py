@@ -69,6 +69,7 @@ class _ChunkedCRCWriter:
         self._pool = pool
         self.crcs: List[int] = []  # one per chunk; the last may be partial
         self.offset = 0
+        self.error: Optional[OSError] = None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -100,6 +101,13 @@ class _ChunkedCRCWriter:
         return n
 
     def _write_all(self, view: memoryview) -> None:
+        try:
+            self._write_some(view)
+        except OSError as exc:  # torch's writer would replace it by an opaque RuntimeError
+            self.error = exc
+            raise
+
+    def _write_some(self, view: memoryview) -> None:
         written = self._f.write(view)
         if written is not None and written != view.nbytes:  # raw files may write short
             rest = view[written:]
@@ -126,17 +134,21 @@ def _tmp_prefix(path: Path) -> str:
 
 
 def _clean_stale_temporaries(path: Path) -> None:
-    """Remove temporary files that killed saves of ``path`` on this host left behind."""
-    prefix = _tmp_prefix(path)
+    """Remove temporary files that killed saves on this host left in ``path``'s directory.
+
+    Any target's, not only ``path``'s: a run that saves under new names (step checkpoints)
+    would otherwise never clean up after a killed save.
+    """
+    marker = f".{socket.gethostname()}."
     try:
         names = os.listdir(path.parent)
     except OSError:
         return
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        if not (name.startswith(".") and name.endswith(".tmp") and marker in name):
             continue
         try:
-            pid = int(name[len(prefix):].split(".", 1)[0])
+            pid = int(name.rsplit(marker, 1)[1].split(".", 1)[0])
             os.kill(pid, 0)
             continue  # its writer is still running: a concurrent save, leave it
         except ProcessLookupError:
@@ -166,7 +178,12 @@ def _save_with_trailer(obj: Any, f) -> None:
     """``torch.save`` into ``f`` through the chunked CRC writer, then the checksum trailer."""
     with futures.ThreadPoolExecutor(_WORKERS) as pool:
         writer = _ChunkedCRCWriter(f, pool)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
     size = writer.offset
     f.seek(size - 22)
     if f.read(4) != _EOCD_MAGIC:
@@ -197,6 +214,9 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror}") from exc
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
         with os.fdopen(fd, "w+b") as f:
             if _WRITE_CHECKSUMS:
                 _save_with_trailer(obj, f)

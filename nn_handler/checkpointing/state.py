@@ -200,19 +200,34 @@ def _progress(h: "NNHandler", per_rank: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- restore
-def _build(entry: Dict[str, Any], what: str, expected: Optional[type] = None) -> Tuple[Any, Dict[str, Any]]:
+_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _sde_or_sampler_base(key: str) -> type:
+    if key == F.SDE:
+        from ..sde import SDE
+        return SDE
+    from ..sampler import Sampler
+    return Sampler
+
+def _build(entry: Dict[str, Any], what: str, expected: Any = None,
+           trusted: Tuple[str, ...] = ()) -> Tuple[Any, Dict[str, Any]]:
+    """The class (or function) a recorded component names, checked against what a file may name."""
     target, kwargs = specs.split(entry["spec"])
-    return specs.resolve(target, what, expected=expected), kwargs
+    return specs.resolve(target, what, expected=expected, trusted=trusted), kwargs
 
 
 def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, strict_load: bool,
             skip_optimizer: bool, skip_scheduler: bool, skip_history: bool, skip_callbacks: bool,
             skip_sampler_sde: bool, skip_ema: bool, model_class: Any = None,
-            model_kwargs: Optional[Dict[str, Any]] = None, model_type: Any = None) -> "NNHandler":
+            model_kwargs: Optional[Dict[str, Any]] = None, model_type: Any = None,
+            trusted_packages: Tuple[str, ...] = ()) -> "NNHandler":
     """A handler built from ``state`` (already verified and migrated).
 
     ``model_class`` (with ``model_kwargs``) builds that model instead of the recorded one,
     e.g. a new head for transfer learning; the weights then load under ``strict_load``.
+    ``trusted_packages`` (plus the model's own top-level package) may be named by the
+    file's other components (see ``specs.resolve``).
     """
     unrecorded: Dict[str, str] = dict(state.get(F.UNRECORDED) or {})
     model_entry = state[F.MODEL]
@@ -234,24 +249,27 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     if module is None:
         load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
     skipped = set()
+    model_package = getattr(model_class, "__module__", "").split(".", 1)[0]
+    trusted = tuple(trusted_packages) + ((model_package,) if model_package else ())
 
     def attempt(component: str, fn) -> None:
-        """Restore one component; a failure is told (naming it), never swallowed silently."""
+        """Restore one component; a failure is told (naming it and the file), never swallowed silently."""
         try:
             fn()
-        except specs.SpecError as exc:
-            h._not_restored[component] = str(exc)
-            h._warn(f"{component} from {path} was not restored: {exc}; set it again with {how_to_set(component)}")
+        except Exception as exc:  # an untrusted target, a renamed argument, a state that does not fit
+            reason = str(exc) if isinstance(exc, specs.SpecError) else f"{type(exc).__name__}: {exc}"
+            h._not_restored[component] = reason
+            h._warn(f"{component} from {path} was not restored: {reason}; set it again with {how_to_set(component)}")
 
     if state.get(F.LOSS):
         def set_loss():
-            fn, kwargs = _build(state[F.LOSS], "loss_fn")
+            fn, kwargs = _build(state[F.LOSS], "loss_fn", nn.Module, trusted)
             h.set_loss_fn(fn, **kwargs)
         attempt("loss_fn", set_loss)
     for name, spec in (state.get(F.METRICS) or {}).items():
         if spec is not None:
             attempt(f"metric:{name}", lambda name=name, spec=spec: h.add_metric(name, specs.resolve(
-                specs.split(spec)[0], f"metric {name!r}")))
+                specs.split(spec)[0], f"metric {name!r}", trusted=trusted)))
 
     for name, record in (state.get(F.DATA) or {}).items():
         slot = h._data.get(name)
@@ -259,7 +277,8 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
             continue
         if record.get("dataset") is not None:
             try:
-                h._set_loader(name, record["dataset"], dict(record.get("options") or {}), from_file=True)
+                h._set_loader(name, record["dataset"], dict(record.get("options") or {}), from_file=True,
+                              trusted=trusted)
                 continue
             except Exception as exc:  # a dataset that cannot be rebuilt here must not block inference
                 h._not_restored[f"data.{name}"] = str(exc)
@@ -272,7 +291,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         skipped.update({"optimizer"})
     elif state.get(F.OPTIMIZER):
         def set_optimizer():
-            cls, kwargs = _build(state[F.OPTIMIZER], "optimizer", expected=torch.optim.Optimizer)
+            cls, kwargs = _build(state[F.OPTIMIZER], "optimizer", torch.optim.Optimizer, trusted)
             h.set_optimizer(cls, **kwargs)
             try:
                 h.optimizer.load_state_dict(state[F.OPTIMIZER]["state"])
@@ -296,7 +315,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                     f"{how_to_set('scheduler')}, or pass skip_scheduler=True to silence this")
         else:
             def set_scheduler():
-                cls, kwargs = _build(state[F.SCHEDULER], "scheduler")
+                cls, kwargs = _build(state[F.SCHEDULER], "scheduler", _SCHEDULERS, trusted)
                 h.set_scheduler(cls, **kwargs)
                 h.scheduler.load_state_dict(state[F.SCHEDULER]["state"])
             attempt("scheduler", set_scheduler)
@@ -309,7 +328,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     else:
         for index, entry in enumerate(state.get(F.CALLBACKS) or []):
             def add_callback(entry=entry):
-                cls, kwargs = _build(entry, "callback", expected=Callback)
+                cls, kwargs = _build(entry, "callback", Callback, trusted)
                 cb = cls(**kwargs)
                 cb.load_state_dict(entry.get("state") or {})
                 h.add_callback(cb)
@@ -322,7 +341,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
             entry = state.get(key)
             if entry:
                 def set_component(entry=entry, setter=setter, key=key):
-                    cls, kwargs = _build(entry, key)
+                    cls, kwargs = _build(entry, key, _sde_or_sampler_base(key), trusted)
                     setter(cls, **kwargs)
                     live = h.sde if key == F.SDE else h.sampler
                     if "state" in entry and hasattr(live, "load_state_dict"):
