@@ -15,6 +15,7 @@ then runs each variant in a fresh process, alternating, several times:
   handler_save   NNHandler.save (checksum, fsync, atomic replace)
   handler_save_nochecksum  the same without the checksum
   ddp2           NNHandler.load in each of 2 ranks (torchrun, gloo), wall time of the slowest
+  ddp2_mmap      the same with mmap=True
 
 Each load variant then runs one training step; peak RSS (ru_maxrss) covers load plus step.
 Prints medians and the ratios of issues 5 and 6 as one JSON line at the end.
@@ -142,7 +143,7 @@ def child(variant: str, path: str, out: str) -> None:
         json.dump(result, f)
 
 
-def ddp_child(path: str, out: str) -> None:
+def ddp_child(path: str, out: str, use_mmap: bool = False) -> None:
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -151,7 +152,7 @@ def ddp_child(path: str, out: str) -> None:
     dist.init_process_group("gloo")
     dist.barrier()
     t = time.perf_counter()
-    NNHandler.load(path, device="cpu")
+    NNHandler.load(path, device="cpu", mmap=use_mmap)
     dist.barrier()
     elapsed = time.perf_counter() - t
     if dist.get_rank() == 0:
@@ -162,10 +163,10 @@ def ddp_child(path: str, out: str) -> None:
 
 def run(variant: str, path: str, workdir: str) -> dict:
     out = os.path.join(workdir, f"{variant}.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if variant == "ddp2" else "2"}
-    if variant == "ddp2":
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if variant.startswith("ddp2") else "2"}
+    if variant.startswith("ddp2"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(__file__), "--ddp-child", path, out]
+               os.path.abspath(__file__), "--ddp-child", path, out, "mmap" if variant == "ddp2_mmap" else "copy"]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, path, out]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write the ~1.2 GB checkpoint (default: a temp dir)")
     parser.add_argument("--variants", default="read,naive,handler,handler_noverify,handler_mmap,handler_mmap_noverify,"
-                                                "fresh,torch_save,handler_save,handler_save_nochecksum,ddp2")
+                                                "fresh,torch_save,handler_save,handler_save_nochecksum,ddp2,ddp2_mmap")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(dir=args.dir, prefix="bench_load_")
     path = os.path.join(workdir, "big.pt")
@@ -221,6 +222,8 @@ def main() -> None:
         summary["save_checksum_overhead"] = med["handler_save"]["time"] / med["handler_save_nochecksum"]["time"] - 1
     if {"ddp2", "handler"} <= set(med):
         summary["ddp2_load_vs_single"] = med["ddp2"]["time"] / med["handler"]["time"]
+    if {"ddp2_mmap", "handler_mmap"} <= set(med):
+        summary["ddp2_mmap_load_vs_single"] = med["ddp2_mmap"]["time"] / med["handler_mmap"]["time"]
     os.unlink(path)
     print(json.dumps(summary))
 
@@ -229,7 +232,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1:2] == ["--ddp-child"]:
-        ddp_child(sys.argv[2], sys.argv[3])
+        ddp_child(sys.argv[2], sys.argv[3], sys.argv[4:5] == ["mmap"])
     elif sys.argv[1:2] == ["--make"]:
         make_checkpoint(sys.argv[2])
     else:
