@@ -428,7 +428,7 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
                     divisor = accum if steps_total is None else min(accum, steps_total - step_in_epoch)
                 pending += 1
                 last_micro = pending == accum or step_in_epoch + 1 == steps_total
-                if distributed and not last_micro:
+                if distributed and not last_micro and steps_total is not None:
                     with model.no_sync():  # accumulate locally; gradients sync on the updating step
                         loss, out, y, n = micro_step(batch)
                 else:
@@ -455,7 +455,11 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
                         cb.on_batch_end(h, step_in_epoch, logs)
                 if show_bar:
                     bar.update(1)
-            if pending:  # an iterable dataset's last, partial accumulation group
+            if pending:  # an iterable dataset's last, partial accumulation group (synced every step)
+                with torch.no_grad():  # its micro-steps were divided by accum: average over its own size
+                    for p in module.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(accum / pending)
                 optimizer_step()
                 position.step = step_in_epoch + 1
             if step_in_epoch < 0:

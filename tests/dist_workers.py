@@ -20,6 +20,18 @@ DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 90, "in
 VAL = {**DATA, "n": 13}  # not a multiple of the world size
 
 
+class RankBatches(torch.utils.data.IterableDataset):
+    """Five batches that differ per rank, with no length: the loop cannot know the last group."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(100 + self.rank)
+        for _ in range(5):
+            yield torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
 def make() -> NNHandler:
     torch.manual_seed(0)
     h = NNHandler(MLP, device="cpu", in_features=8, out_features=3, hidden=[16], dropout=0.2)
@@ -97,6 +109,14 @@ def main(scenario: str, out: str, *args: str) -> None:
         torch.save({"seeded": h.sample((7, 2), steps=20, seed=int(args[0])),
                     "global": h.sample((7, 2), steps=20), "world_size": h.world_size},
                    os.path.join(out, f"rank{h.rank}.pt"))
+    elif scenario == "iterable":  # an iterable dataset of unknown length, accumulation 2, 5 batches per rank
+        torch.manual_seed(0)
+        h = NNHandler(MLP, device="cpu", in_features=8, out_features=3, hidden=[16])
+        h.set_optimizer(torch.optim.SGD, lr=0.1)
+        h.set_loss_fn(torch.nn.CrossEntropyLoss)
+        h.set_train_loader(RankBatches(h.rank), batch_size=None)
+        h.train(1, gradient_accumulation_steps=2, progress_bar=False)
+        torch.save({"weights": h.module.state_dict()}, os.path.join(out, f"rank{h.rank}.pt"))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

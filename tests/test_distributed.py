@@ -144,3 +144,10 @@ def test_predict_gathers_in_dataset_order_and_validation_is_exact(tmp_path):
         torch.testing.assert_close(r["tensor"], r["expected"])
         torch.testing.assert_close(r["dataset"], r["expected_dataset"])
         assert abs(r["val_loss"] - r["expected_val_loss"]) < 1e-6
+
+
+def test_iterable_dataset_with_accumulation_keeps_replicas_in_sync(tmp_path):
+    """With no known epoch length the last, short accumulation group must still be all-reduced."""
+    ok(torchrun(tmp_path, "iterable"))
+    r0, r1 = ranks(tmp_path)
+    assert_same_tensors(r0["weights"], r1["weights"])
