@@ -282,33 +282,29 @@ def _set_metrics(h: NNHandler, cfg: DictConfig) -> None:
         h.add_metric(name, _import(target, f"metrics.{name}"))
 
 
-def _set_optimizer(h: NNHandler, cfg: DictConfig) -> None:
-    cls, kwargs = _component(cfg.optimizer, "optimizer")
+def _apply(setter: Callable[..., None], node: DictConfig, name: str) -> None:
+    """``setter(cls, **kwargs)`` for a ``_target_`` node, a bad kwarg told as the user's error."""
+    cls, kwargs = _component(node, name)
     try:
-        h.set_optimizer(cls, **kwargs)
+        setter(cls, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise RunnerError(f"optimizer ({cfg.optimizer[specs.TARGET]}): {exc}") from None
+        raise RunnerError(f"{name} ({node[specs.TARGET]}): {exc}") from None
+
+
+def _set_optimizer(h: NNHandler, cfg: DictConfig) -> None:
+    _apply(h.set_optimizer, cfg.optimizer, "optimizer")
 
 
 def _set_scheduler(h: NNHandler, cfg: DictConfig) -> None:
     if not cfg.scheduler:
         h.set_scheduler(None)
         return
-    cls, kwargs = _component(cfg.scheduler, "scheduler")
-    try:
-        h.set_scheduler(cls, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise RunnerError(f"scheduler ({cfg.scheduler[specs.TARGET]}): {exc}") from None
+    _apply(h.set_scheduler, cfg.scheduler, "scheduler")
 
 
 def _set_sde(h: NNHandler, cfg: DictConfig) -> None:
-    if not cfg.sde:
-        return
-    cls, kwargs = _component(cfg.sde, "sde")
-    try:
-        h.set_sde(cls, **kwargs)
-    except TypeError as exc:
-        raise RunnerError(f"sde ({cfg.sde[specs.TARGET]}): {exc}") from None
+    if cfg.sde:
+        _apply(h.set_sde, cfg.sde, "sde")
 
 
 def _new_handler(target: str, kwargs: Dict[str, Any], build: Callable[[], NNHandler]) -> NNHandler:
