@@ -315,6 +315,14 @@ def _new_handler(target: str, kwargs: Dict[str, Any], build: Callable[[], NNHand
         raise RunnerError(f"model ({target}) cannot be built with {kwargs}: {exc}") from None
 
 
+def _load(path: Any, cfg: DictConfig, choice: Optional["ModelChoice"] = None) -> NNHandler:
+    """``NNHandler.load`` with the config's load flags: into ``choice``'s model when given, else the recorded one."""
+    if choice is None:
+        return NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    return _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
+        path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
+
+
 def _load_flags(cfg: DictConfig) -> Dict[str, Any]:
     load = cfg.load
     return dict(device=cfg.device, strict_load=bool(load.strict), skip_optimizer=bool(load.skip_optimizer),
@@ -661,10 +669,9 @@ def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     check.report(model_differences, allow=bool(cfg.resume.allow_drift))
     if model_differences or drift.by_level(check.differences, drift.FATAL):
         # allowed drift: the configured model, with the checkpoint's weights under load.strict
-        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
-            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
+        h = _load(path, cfg, choice)
     else:
-        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+        h = _load(path, cfg)
     _complete_from_config(h, cfg, ctx)
     _apply_resume_overrides(h, cfg, ctx, info)
     _set_data(h, cfg, info, require_train=True)
@@ -684,11 +691,8 @@ def finetune(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.initialize_from_checkpoint(
             path, choice.cls, model_type=choice.model_type, device=cfg.device, strict_load=bool(cfg.load.strict),
             **choice.kwargs))
-    elif choice.configured:
-        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
-            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
     else:
-        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+        h = _load(path, cfg, choice if choice.configured else None)
     if cfg.load.skip_optimizer or h.optimizer is None:
         _set_optimizer(h, cfg)
     if cfg.load.skip_scheduler or h.scheduler is None:
@@ -777,11 +781,7 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights: task=sample needs a "
                           f"checkpoint of a trained generative model (with its SDE or sampler)")
     choice = ModelChoice(cfg, info, cfg.checkpoint.path)
-    if choice.configured:
-        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
-            path, **_load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
-    else:
-        h = NNHandler.load(path, **_load_flags(cfg), model_type=cfg.model_type)
+    h = _load(path, cfg, choice if choice.configured else None)
     if h.sde is None or ctx.given("sde"):
         _set_sde(h, cfg)
     shape = _sample_shape(h, cfg, info)
