@@ -72,8 +72,7 @@ def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False
     Files written by other tools carry no checksum and load (safely) with that noted in the
     log; a file whose contents say it is an nn_handler checkpoint must carry a valid one.
     """
-    check_readable_file(path)
-    verification = verify(path)
+    verification = verify(path)  # checks the path first: missing, a directory, empty
     return _checked(safe_load(path, map_location=map_location, mmap=mmap), path, verification.checksum)
 
 
