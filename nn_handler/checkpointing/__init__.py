@@ -21,7 +21,8 @@ from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckp
                      UnsafeCheckpointError)
 from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
-from .fastload import build_module_from_weights, materialize
+from .copyload import read_copied
+from .fastload import build_module_from_weights
 from .state import canonical_state_dict, dump, load_model_weights, rank_state, restore
 from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
 from ..handler import prebuilt_module
@@ -67,11 +68,16 @@ def save(handler: "NNHandler", path: PathLike) -> None:
 
 
 def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False) -> Any:
-    """The verified contents of ``path``: checksum checked first, then a ``weights_only`` load.
+    """The verified contents of ``path``: checksum checked, then a ``weights_only`` load.
 
+    On the CPU (``map_location`` None or "cpu") tensors are copied into the process's own
+    memory and checksummed on the way, unless ``mmap=True`` keeps them mapped from the file.
     Files written by other tools carry no checksum and load (safely) with that noted in the
     log; a file whose contents say it is an nn_handler checkpoint must carry a valid one.
     """
+    if map_location is None or (isinstance(map_location, (str, torch.device)) and
+                                torch.device(map_location).type == "cpu"):
+        return _read(path, torch.device("cpu"), distributed.DistInfo(enabled=False), keep_mapped=mmap)
     verification = verify(path)  # checks the path first: missing, a directory, empty
     return _checked(safe_load(path, map_location=map_location, mmap=mmap), path, verification.checksum)
 
@@ -87,21 +93,20 @@ def _checked(obj: Any, path: PathLike, verified: bool) -> Any:
 
 
 def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", keep_mapped: bool = False) -> Any:
-    obj = _read_mapped(path, device, info)
-    return obj if keep_mapped else materialize(obj)
+    """The verified contents of ``path`` on every rank, onto ``device``.
 
-
-def _read_mapped(path: PathLike, device: torch.device, info: "distributed.DistInfo") -> Any:
-    """The verified contents of ``path`` on every rank, memory-mapped (tensors read on first use).
-
-    Under DDP the ranks split the checksum work (each hashes every world_size-th chunk, then
-    the chunk CRCs are exchanged), so a job reads and hashes the file about once, not once per
+    By default CPU tensors are copied into the process's own memory, checksummed on the way
+    (``copyload``); ``keep_mapped`` keeps them memory-mapped from the file (no copy). Under
+    DDP the ranks split the checksum work (each hashes every world_size-th chunk, then the
+    chunk CRCs are exchanged), so a job reads and hashes the file about once, not once per
     rank; every step ends with an agreement, so a failure on any rank is raised on all of them.
     """
     path_str = os.fspath(path)
     what = f"reading checkpoint {path_str}"
-    if not info.enabled:
-        return read_checkpoint(path, map_location=device, mmap=True)
+    copy = not keep_mapped and torch.device(device).type == "cpu"
+    if not info.enabled and not copy:
+        verification = verify(path)  # checks the path first: missing, a directory, empty
+        return _checked(safe_load(path, map_location=device, mmap=True), path, verification.checksum)
     trailer, error = None, None
     try:
         check_readable_file(path)
@@ -109,26 +114,40 @@ def _read_mapped(path: PathLike, device: torch.device, info: "distributed.DistIn
     except Exception as exc:
         error = exc
     distributed.agree(error, info, what, path_str)
-    mine, error = {}, None
-    seen = distributed.all_gather_object(trailer, info)
-    try:
+    if info.enabled:
+        seen = distributed.all_gather_object(trailer, info)
+        error = None
         if any(t != seen[0] for t in seen):
-            raise CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
-        if trailer is not None:
-            mine = _io.chunk_crcs(path, trailer, list(range(info.rank, trailer.chunks, info.world_size)))
+            error = CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
+        distributed.agree(error, info, what, path_str)
+    mine_indices = range(info.rank, trailer.chunks, info.world_size) if trailer is not None else range(0)
+    obj, mine, error = None, {}, None
+    try:
+        obj = safe_load(path, map_location=device, mmap=True)
+        if copy:
+            obj, mine = read_copied(obj, path_str, trailer, mine_indices)
+        elif trailer is not None:
+            mine = _io.chunk_crcs(path, trailer, list(mine_indices))
+    except CheckpointError as exc:
+        error = exc
+        if trailer is not None:  # a damaged file: its checksum says so more precisely than the unpickler
+            try:
+                verify(path)
+            except CorruptCheckpointError as corrupt:
+                error = corrupt
     except Exception as exc:
         error = exc
     distributed.agree(error, info, what, path_str)
     crcs: Dict[int, int] = {}
     for part in distributed.all_gather_object(mine, info):
         crcs.update(part)
-    obj, error = None, None
+    error = None
     try:
         if trailer is not None:
             _io.check_table(path, trailer, crcs)
-        obj = _checked(safe_load(path, map_location=device, mmap=True), path, trailer is not None)
+        obj = _checked(obj, path, trailer is not None)
     except Exception as exc:
-        error = exc
+        error, obj = exc, None
     distributed.agree(error, info, what, path_str)
     return obj
 

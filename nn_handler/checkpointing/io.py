@@ -23,6 +23,7 @@ can rewrite any checksum stored beside the data; safety against hostile files co
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import errno
 import mmap
 import os
@@ -55,6 +56,7 @@ _WORKERS = max(1, min(4, os.cpu_count() or 1))
 # Switches for the benchmarks that measure what the checksum costs; always on otherwise.
 _WRITE_CHECKSUMS = True
 _VERIFY_CHECKSUMS = True
+_MAP_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)  # (not on Windows)
 
 
 def _crc(data, value: int = 0) -> int:
@@ -369,8 +371,14 @@ def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] =
     with open(path, "rb") as f:
         head = f.read(4)
     _check_signature(path, head)
+    mapped = mmap and head == _ZIP_MAGIC
+    # A mapping is always private: with MAP_SHARED (a process-wide torch option) an optimizer
+    # step would write the new weights into the checkpoint file itself.
+    private = torch.serialization.set_default_mmap_options(_MAP_PRIVATE) if mapped and _MAP_PRIVATE is not None \
+        else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head == _ZIP_MAGIC)
+        with private:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported" in text:

@@ -1,0 +1,229 @@
+"""The default read: every tensor copied out of the file into the process's own memory, checksummed on the way.
+
+``torch.load(mmap=True)`` parses the archive and hands back tensors that view a private
+mapping of the file, without touching their bytes. This module then gives each storage
+fresh memory and fills it with ``preadv`` straight from the file (the kernel copies from the
+page cache; the mapping is never faulted in, so it costs no resident memory), walking the
+file in the checksum's chunks on a few threads. A chunk whose CRC this process is to
+compute is read whole -- storage bytes into their destinations, the bytes between them
+(zip headers, the pickle) into a small scratch buffer -- and hashed from those buffers
+while they are still in cache, so verification is not a second pass over the file.
+
+Why copy at all: the loaded state is then not tied to the file. Our own ``save`` replaces a
+file rather than rewriting it, but a plain ``torch.save`` to the same path truncates and
+rewrites it in place, which would change (or, by SIGBUS, crash) tensors still mapped from it.
+
+Anything that does not fit -- a legacy (non-zip) file, a byte order to swap, a storage that
+cannot be matched to its record, a tensor subclass -- takes the plain route: ``clone``, with
+the mapped pages released right after (``materialize``), and a separate checksum pass.
+"""
+from __future__ import annotations
+
+import bisect
+import concurrent.futures as futures
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import io as _io
+from .fastload import materialize
+
+_BLOCK = 1 << 20  # one preadv + hash step: small enough to stay in cache between the two
+
+
+def _record_offsets(path: str) -> Optional[List[int]]:
+    """The file offsets of the archive's tensor-data records, sorted; None if their bytes must not be copied raw."""
+    with open(path, "rb") as f:
+        reader = torch._C.PyTorchFileReader(f)
+        records = reader.get_all_records()
+        prefix = next((name[:-len("data.pkl")] for name in records if name.endswith("data.pkl")), None)
+        if prefix is None:
+            return None
+        if prefix + "byteorder" in records:
+            order = bytes(reader.get_record(prefix + "byteorder")).decode(errors="replace")
+            if order != sys.byteorder:
+                return None  # torch.load swapped these bytes in memory: the file's are not the tensors'
+        return sorted(reader.get_record_offset(name) for name in records if name.startswith(prefix + "data/"))
+
+
+def _tensors(obj: Any, out: List[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _tensors(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _tensors(value, out)
+
+
+def _copyable(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized
+
+
+class _Plan:
+    """Where each mapped storage's bytes lie in the file, and the fresh storage they go to."""
+
+    def __init__(self, segments: List[Tuple[int, int, memoryview]]):
+        self.segments = sorted(segments, key=lambda s: s[0])  # (file offset, nbytes, destination bytes)
+        self.starts = [s[0] for s in self.segments]
+
+    def overlapping(self, start: int, end: int) -> Iterable[Tuple[int, int, memoryview]]:
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while i < len(self.segments) and self.segments[i][0] < end:
+            offset, nbytes, dest = self.segments[i]
+            if offset + nbytes > start:
+                yield offset, nbytes, dest
+            i += 1
+
+
+def _match(tensors: List[torch.Tensor], offsets: List[int], file_size: int):
+    """Map each copyable tensor's storage to its record offset; None unless every one matches exactly."""
+    storages: Dict[int, torch.UntypedStorage] = {}
+    for t in tensors:
+        if _copyable(t):
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                storages.setdefault(storage.data_ptr(), storage)
+    if not storages:
+        return {}
+    if not offsets:
+        return None
+    # torch maps the whole file once and slices each storage out of it, so pointer - offset is
+    # the same base for all of them; the lowest storage is the lowest record.
+    base = min(storages) - offsets[0]
+    known = set(offsets)
+    placed = {}
+    for ptr, storage in storages.items():
+        offset = ptr - base
+        if offset not in known or offset + storage.nbytes() > file_size:
+            return None
+        placed[ptr] = (offset, storage.nbytes())
+    ends = sorted(placed.values())
+    if any(a_off + a_n > b_off for (a_off, a_n), (b_off, _) in zip(ends, ends[1:])):
+        return None  # overlapping records: not the archive we think it is
+    return placed
+
+
+def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indices: Iterable[int]
+                ) -> Tuple[Any, Dict[int, int]]:
+    """``obj`` (from ``torch.load(path, mmap=True)``) with every tensor in fresh memory, and the chunk CRCs asked for.
+
+    The CRCs are those of chunks ``crc_indices`` of ``trailer`` (none without a trailer);
+    the caller checks them against the trailer.
+    """
+    wanted = sorted(set(crc_indices)) if trailer is not None else []
+    with open(path, "rb") as f:
+        if f.read(4) != _io._ZIP_MAGIC:  # a legacy file: torch.load read it into ordinary memory already
+            return obj, (_io.chunk_crcs(path, trailer, wanted) if wanted else {})
+    tensors: List[torch.Tensor] = []
+    _tensors(obj, tensors)
+    size = os.path.getsize(path)
+    try:
+        offsets = _record_offsets(path)
+    except Exception:  # not an archive torch's reader can list: take the plain route
+        offsets = None
+    placed = _match(tensors, offsets, size) if offsets is not None else None
+    if placed is None:  # the plain route
+        crcs = _io.chunk_crcs(path, trailer, wanted) if wanted else {}
+        return materialize(obj), crcs
+    dests = {ptr: torch.empty(n, dtype=torch.uint8) for ptr, (_, n) in placed.items()}
+    plan = _Plan([(offset, n, memoryview(dests[ptr].numpy())) for ptr, (offset, n) in placed.items()])
+    chunk = trailer.chunk_size if trailer is not None else _io.CHUNK_SIZE
+    covered = trailer.covered if trailer is not None else size
+    hashed = set(wanted)
+    # Chunks to visit: every one holding storage bytes, and every one to hash.
+    visit = set(wanted)
+    for offset, n, _ in plan.segments:
+        visit.update(range(offset // chunk, (offset + n - 1) // chunk + 1))
+    crcs: Dict[int, int] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def one(index: int) -> Tuple[int, int]:
+            start, end = index * chunk, min((index + 1) * chunk, covered if index in hashed else size)
+            return index, _copy_chunk(fd, plan, start, end, index in hashed, covered - 2)
+        workers = _io._WORKERS if len(visit) > 1 else 1
+        with futures.ThreadPoolExecutor(workers) as pool:
+            for index, value in pool.map(one, sorted(visit)):
+                if index in hashed:
+                    crcs[index] = value
+    finally:
+        os.close(fd)
+    copies = {}
+    for ptr, dest in dests.items():
+        copies[ptr] = dest.untyped_storage()
+
+    def rebuild(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if not _copyable(value) or not value.untyped_storage().nbytes():
+                return materialize(value)
+            out = torch.empty(0, dtype=value.dtype)
+            out.set_(copies[value.untyped_storage().data_ptr()], value.storage_offset(), value.size(), value.stride())
+            return out.requires_grad_(value.requires_grad)
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rebuild(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(rebuild(v) for v in value)
+        return value
+    return rebuild(obj), crcs
+
+
+def _copy_chunk(fd: int, plan: _Plan, start: int, end: int, hash_it: bool, zero_from: int) -> int:
+    """Read file bytes ``[start, end)`` into their storages; if ``hash_it``, read all of them and return their CRC."""
+    value = 0
+    scratch = memoryview(np.empty(_BLOCK, dtype=np.uint8)) if hash_it else None
+    pos = start
+    while pos < end:
+        stop = min(pos + _BLOCK, end)
+        buffers: List[memoryview] = []
+        cursor = pos
+        for offset, nbytes, dest in plan.overlapping(pos, stop):
+            a, b = max(pos, offset), min(stop, offset + nbytes)
+            if not hash_it:
+                _read_into(fd, [dest[a - offset:b - offset]], a)
+                continue
+            if a > cursor:
+                buffers.append(scratch[cursor - pos:a - pos])
+            buffers.append(dest[a - offset:b - offset])
+            cursor = b
+        if hash_it:
+            if cursor < stop:
+                buffers.append(scratch[cursor - pos:stop - pos])
+            _read_into(fd, list(buffers), pos)
+            at = pos
+            for buf in buffers:
+                value = _crc_piece(buf, at, zero_from, value)
+                at += buf.nbytes
+        pos = stop
+    return value
+
+
+def _read_into(fd: int, buffers: List[memoryview], offset: int) -> None:
+    """``preadv`` until every buffer is full; a short file is a truncated file."""
+    if not buffers:
+        return
+    while buffers:
+        got = os.preadv(fd, buffers, offset)
+        if got <= 0:
+            raise EOFError(f"unexpected end of file at byte {offset}")
+        offset += got
+        while buffers and got >= buffers[0].nbytes:
+            got -= buffers[0].nbytes
+            buffers = buffers[1:]
+        if got:
+            buffers[0] = buffers[0][got:]
+
+
+def _crc_piece(buf: memoryview, at: int, zero_from: int, value: int) -> int:
+    """CRC-32C continued over ``buf`` (file bytes from ``at``), the bytes from ``zero_from`` on read as zeros."""
+    end = at + buf.nbytes
+    if zero_from >= end:
+        return _io._crc(buf, value)
+    if zero_from > at:
+        value = _io._crc(buf[:zero_from - at], value)
+    return _io._crc(b"\x00" * (end - max(at, zero_from)), value)
