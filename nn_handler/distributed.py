@@ -107,6 +107,57 @@ def broadcast_object(value: Any, info: DistInfo, src: int = 0) -> Any:
     return box[0]
 
 
+_CONTROL_GROUP: Optional[Any] = None
+
+
+def control_group() -> Optional[Any]:
+    """A CPU (gloo) group for small control messages: the default group if it is gloo, else one made once.
+
+    A vote over NCCL would need a device tensor and a host sync to read it; over gloo it is a
+    CPU message that never waits for the GPU's queue. Collective: every rank calls it first
+    at the same point.
+    """
+    global _CONTROL_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+class StopVote:
+    """Ranks agreeing on a stop signal once per step without stalling the step.
+
+    ``poll(signum)`` sends this rank's vote asynchronously and returns the agreed result of the
+    previous poll (so every rank stops at the same step, one step after the signal arrived);
+    ``settle(signum)`` is the blocking form, used between epochs, that leaves nothing in flight.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[Any] = None
+
+    def poll(self, signum: int) -> int:
+        agreed = self._collect()
+        if not agreed:
+            vote = torch.tensor([signum], dtype=torch.int64)
+            self._pending = (dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=control_group(), async_op=True), vote)
+        return agreed
+
+    def settle(self, signum: int) -> int:
+        agreed = self._collect()
+        vote = torch.tensor([signum], dtype=torch.int64)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=control_group())
+        return max(agreed, int(vote.item()))
+
+    def _collect(self) -> int:
+        if self._pending is None:
+            return 0
+        work, vote = self._pending
+        self._pending = None
+        work.wait()
+        return int(vote.item())
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

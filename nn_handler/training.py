@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from .callbacks.base import overrides
+from .distributed import StopVote
 from .enums import ModelType
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -364,13 +365,14 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
     check_stop = stop is not None or store is not None
     agree_stop = check_stop and distributed
 
-    def stop_requested() -> int:
-        """The signal that asks to stop (agreed by all ranks, so they save at the same step), or 0."""
+    vote = StopVote() if agree_stop else None
+
+    def stop_requested(settle: bool = False) -> int:
+        """The signal that asks to stop, or 0. Under DDP the ranks agree on it (so they save at
+        the same step) through a CPU vote read one step later, never a sync with the device."""
         signum = stop.signum if stop is not None else 0
-        if agree_stop:
-            flag = torch.tensor([signum], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signum = int(flag.item())
+        if vote is not None:
+            signum = vote.settle(signum) if settle else vote.poll(signum)
         return signum
 
     def preempt(signum: int) -> None:
@@ -497,7 +499,7 @@ def run(h: "NNHandler", epochs: int, progress_bar: bool, store: Any = None, ever
             if store is not None and every_n_epochs and h.epoch % every_n_epochs == 0:
                 store.save(h)
             if check_stop:  # a signal during validation or the last step stops here, between epochs
-                signum = stop_requested()
+                signum = stop_requested(settle=True)
                 if signum:
                     preempt(signum)
             if distributed:  # a callback may decide on one rank only (history lives on rank 0)

@@ -117,6 +117,26 @@ def main(scenario: str, out: str, *args: str) -> None:
         h.set_train_loader(RankBatches(h.rank), batch_size=None)
         h.train(1, gradient_accumulation_steps=2, progress_bar=False)
         torch.save({"weights": h.module.state_dict()}, os.path.join(out, f"rank{h.rank}.pt"))
+    elif scenario == "signal_one_rank":  # args: checkpoint dir; rank 1 alone gets SIGTERM at step 3
+        import signal
+        from nn_handler.callbacks import Callback
+        from nn_handler.training import Preempted
+
+        class SignalRankOne(Callback):
+            recorded = False
+
+            def on_batch_end(self, handler, batch, logs):
+                if handler.rank == 1 and handler.global_step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        h = make()
+        h.add_callback(SignalRankOne())
+        try:
+            h.train(3, seed=0, progress_bar=False, checkpoint_dir=args[0])
+        except Preempted as exc:
+            with open(os.path.join(out, f"rank{h.rank}.json"), "w") as f:
+                json.dump({"signal": exc.signum, "global_step": h.global_step, "path": exc.checkpoint}, f)
+            raise
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

@@ -151,3 +151,15 @@ def test_iterable_dataset_with_accumulation_keeps_replicas_in_sync(tmp_path):
     ok(torchrun(tmp_path, "iterable"))
     r0, r1 = ranks(tmp_path)
     assert_same_tensors(r0["weights"], r1["weights"])
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    out, ckpts = tmp_path / "out", tmp_path / "ckpts"
+    proc = torchrun(out, "signal_one_rank", str(ckpts))
+    assert proc.returncode != 0, "the job should have stopped on the signal"
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["signal"] == 15 for r in reports), reports  # rank 0 stops too, on rank 1's signal
+    assert reports[0]["global_step"] == reports[1]["global_step"] >= 3
+    assert reports[0]["path"] == reports[1]["path"] and Path(reports[0]["path"]).is_file()
+    saved = NNHandler.load(reports[0]["path"], device="cpu")
+    assert saved.global_step == reports[0]["global_step"] and saved.epoch == 0  # stopped inside epoch 1

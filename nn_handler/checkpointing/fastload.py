@@ -8,13 +8,11 @@ memory, no initialisation) and ``load_state_dict(assign=True)`` makes the loaded
 or extra keys, other dtypes, tied weights, non-persistent buffers, a constructor that
 cannot run on meta) returns None and the caller takes the ordinary path.
 
-The file is read through a memory map and, by default, every tensor is copied into the
-process's own memory at once, the mapped pages of each being released right after its copy
-(``materialize``): no state stays tied to the file, so a later write to the same path (ours
-replaces the file, but a plain ``torch.save`` truncates and rewrites it in place) can neither
-change the loaded weights nor crash the process, and peak memory stays about one copy.
-``NNHandler.load(..., mmap=True)`` keeps the mapped tensors instead (no copy at all; the first
-optimizer step copies pages on write): fastest, for files nothing rewrites in place.
+By default every tensor is then in the process's own memory (``copyload`` fills fresh
+storages straight from the file), so no state stays tied to the file; ``materialize`` is the
+fallback for files the raw copy does not fit. ``NNHandler.load(..., mmap=True)`` keeps the
+mapped tensors instead (no copy at all; the first optimizer step copies pages on write):
+fastest, for files nothing rewrites in place.
 """
 from __future__ import annotations
 
