@@ -769,6 +769,35 @@ def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- sample
+SAMPLE_SETTINGS = ("steps", "corrector_steps", "value_range")
+
+
+def _recorded_sample_settings(h: NNHandler, cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
+    """``sample.steps``, ``sample.corrector_steps`` and ``sample.value_range`` for task=sample: each one
+    given on the command line, else the one the training run used (its recorded run config's
+    ``sample.*``, else its SampleGrid callback's), else the config's. So the samples of a run
+    trained with ``experiment=...`` come out as its grids did (same solver, same black..white range)."""
+    recorded = dict((stored_metadata(path).get("run_config") or {}).get("sample") or {})
+    from nn_handler.callbacks import SampleGrid
+
+    grid = next((cb for cb in h.callbacks if isinstance(cb, SampleGrid)), None)
+    settings: Dict[str, Any] = {}
+    for key in SAMPLE_SETTINGS:
+        value = cfg.sample[key]
+        if not ctx.given(f"sample.{key}"):
+            stored = recorded.get(key)
+            if stored is None and grid is not None:
+                stored = getattr(grid, key, None)
+            if stored is not None:
+                value = stored
+        settings[key] = list(value) if key == "value_range" and value is not None else value
+    inherited = {k: v for k, v in settings.items() if not ctx.given(f"sample.{k}") and v != cfg.sample[k]}
+    if inherited and h.rank == 0:
+        log.info("task=sample: as the training run sampled: %s (give sample.<key>=... to change)",
+                 ", ".join(f"sample.{k}={v}" for k, v in inherited.items()))
+    return settings
+
+
 def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     """``h.sample`` from a trained generative model: ``samples.pt`` (the tensor) and ``samples.png``.
 
@@ -785,13 +814,14 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     if h.sde is None or ctx.given("sde"):
         _set_sde(h, cfg)
     shape = _sample_shape(h, cfg, info)
-    n, steps = int(cfg.sample.n), int(cfg.sample.steps)
+    settings = _recorded_sample_settings(h, cfg, ctx, path)
+    n, steps, corrector_steps = int(cfg.sample.n), int(settings["steps"]), int(settings["corrector_steps"])
     if n < 1 or steps < 1:
         raise RunnerError(f"sample.n and sample.steps must be >= 1, got {n} and {steps}")
     use_ema = not bool(cfg.load.skip_ema)
     h.eval()
     try:
-        samples = h.sample([n, *shape], steps, corrector_steps=int(cfg.sample.corrector_steps),
+        samples = h.sample([n, *shape], steps, corrector_steps=corrector_steps,
                            seed=None if cfg.seed is None else int(cfg.seed), use_ema=use_ema)
     except RuntimeError as exc:
         if "sde" in str(exc).lower() or "sampler" in str(exc).lower():
@@ -807,7 +837,7 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
 
         out = os.path.join(ctx.output_dir, SAMPLES_FILE)
         torch.save(samples, out)
-        value_range = list(cfg.sample.value_range) if cfg.sample.value_range else None
+        value_range = list(settings["value_range"]) if settings["value_range"] else None
         png = save_samples_png(samples, os.path.join(ctx.output_dir, SAMPLES_PNG), value_range=value_range,
                                title=f"{n} samples, {steps} steps, {weights} weights, epoch {h.epoch}")
         reporting.write_metrics(ctx.output_dir, record)
