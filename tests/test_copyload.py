@@ -114,3 +114,23 @@ def test_a_mapped_load_stays_private_even_when_torch_is_set_to_share_mappings(tm
         loaded["w"].add_(1.0)  # what an optimizer step does to mapped weights
     del loaded
     assert path.read_bytes() == before
+
+
+def test_a_save_replacing_the_file_during_a_load_neither_mixes_files_nor_fails_it(tmp_path, monkeypatch):
+    """The file is opened once; every later read goes through that descriptor, not the path."""
+    path, newer = tmp_path / "ckpt.pt", tmp_path / "newer.pt"
+    ckpt_io.atomic_save({"w": torch.zeros(4096), "step": 1}, path)
+    ckpt_io.atomic_save({"w": torch.ones(4096), "step": 2}, newer)
+    real = ckpt_io.read_trailer
+
+    def read_then_replace(source):
+        trailer = real(source)
+        if newer.exists():
+            ckpt_io.atomic_save({"w": torch.ones(4096), "step": 2}, path)  # a concurrent save lands
+            newer.unlink()
+        return trailer
+
+    monkeypatch.setattr(ckpt_io, "read_trailer", read_then_replace)
+    loaded = read_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.zeros(4096))
+    assert read_checkpoint(path)["step"] == 2  # the next load sees the new file

@@ -75,9 +75,9 @@ def read_checkpoint(path: PathLike, map_location: Any = None, mmap: bool = False
     Files written by other tools carry no checksum and load (safely) with that noted in the
     log; a file whose contents say it is an nn_handler checkpoint must carry a valid one.
     """
-    if map_location is None or (isinstance(map_location, (str, torch.device)) and
-                                torch.device(map_location).type == "cpu"):
-        return _read(path, torch.device("cpu"), distributed.DistInfo(enabled=False), keep_mapped=mmap)
+    if map_location is None or isinstance(map_location, (str, torch.device)):
+        device = torch.device("cpu" if map_location is None else map_location)
+        return _read(path, device, distributed.DistInfo(enabled=False), keep_mapped=mmap)
     verification = verify(path)  # checks the path first: missing, a directory, empty
     return _checked(safe_load(path, map_location=map_location, mmap=mmap), path, verification.checksum)
 
@@ -96,60 +96,74 @@ def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", ke
     """The verified contents of ``path`` on every rank, onto ``device``.
 
     By default CPU tensors are copied into the process's own memory, checksummed on the way
-    (``copyload``); ``keep_mapped`` keeps them memory-mapped from the file (no copy). Under
-    DDP the ranks split the checksum work (each hashes every world_size-th chunk, then the
-    chunk CRCs are exchanged), so a job reads and hashes the file about once, not once per
-    rank; every step ends with an agreement, so a failure on any rank is raised on all of them.
+    (``copyload``); ``keep_mapped`` keeps them memory-mapped from the file (no copy). The file
+    is opened once and every read goes through that descriptor, so a save that replaces
+    ``path`` meanwhile cannot mix two files. Under DDP the ranks split the checksum work (each
+    hashes every world_size-th chunk, then the chunk CRCs are exchanged), so a job reads and
+    hashes the file about once, not once per rank; every step ends with an agreement, so a
+    failure on any rank is raised on all of them.
     """
     path_str = os.fspath(path)
     what = f"reading checkpoint {path_str}"
     copy = not keep_mapped and torch.device(device).type == "cpu"
-    if not info.enabled and not copy:
-        verification = verify(path)  # checks the path first: missing, a directory, empty
-        return _checked(safe_load(path, map_location=device, mmap=True), path, verification.checksum)
-    trailer, error = None, None
+    pin, source, trailer, error = None, path_str, None, None
     try:
         check_readable_file(path)
-        trailer = _io.read_trailer(path) if _io._VERIFY_CHECKSUMS else None
+        pin = os.open(path, os.O_RDONLY)
+        source = _io.pinned_name(pin, path_str)
+        trailer = _io.read_trailer(source) if _io._VERIFY_CHECKSUMS else None
     except Exception as exc:
-        error = exc
-    distributed.agree(error, info, what, path_str)
-    if info.enabled:
-        seen = distributed.all_gather_object(trailer, info)
-        error = None
-        if any(t != seen[0] for t in seen):
-            error = CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
-        distributed.agree(error, info, what, path_str)
-    mine_indices = range(info.rank, trailer.chunks, info.world_size) if trailer is not None else range(0)
-    obj, mine, error = None, {}, None
+        error = _named(exc, path_str)
     try:
-        obj = safe_load(path, map_location=device, mmap=True)
-        if copy:
-            obj, mine = read_copied(obj, path_str, trailer, mine_indices)
-        elif trailer is not None:
-            mine = _io.chunk_crcs(path, trailer, list(mine_indices))
-    except CheckpointError as exc:
-        error = exc
-        if trailer is not None:  # a damaged file: its checksum says so more precisely than the unpickler
-            try:
-                verify(path)
-            except CorruptCheckpointError as corrupt:
-                error = corrupt
-    except Exception as exc:
-        error = exc
-    distributed.agree(error, info, what, path_str)
+        distributed.agree(error, info, what, path_str)
+        if info.enabled:
+            seen = distributed.all_gather_object(trailer, info)
+            error = None
+            if any(t != seen[0] for t in seen):
+                error = CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
+            distributed.agree(error, info, what, path_str)
+        mine_indices = range(info.rank, trailer.chunks, info.world_size) if trailer is not None else range(0)
+        obj, mine, error = None, {}, None
+        try:
+            obj = safe_load(source, map_location=device, mmap=True)
+            if copy:
+                obj, mine = read_copied(obj, source, trailer, mine_indices)
+            elif trailer is not None:
+                mine = _io.chunk_crcs(source, trailer, list(mine_indices))
+        except CheckpointError as exc:
+            error = _named(exc, path_str)
+            if trailer is not None:  # a damaged file: its checksum says so more precisely than the unpickler
+                try:
+                    _io.check_table(path_str, trailer, _io.chunk_crcs(source, trailer))
+                except CorruptCheckpointError as corrupt:
+                    error = corrupt
+        except Exception as exc:
+            error = exc
+        distributed.agree(error, info, what, path_str)
+    finally:
+        if pin is not None:
+            os.close(pin)
     crcs: Dict[int, int] = {}
     for part in distributed.all_gather_object(mine, info):
         crcs.update(part)
     error = None
     try:
         if trailer is not None:
-            _io.check_table(path, trailer, crcs)
-        obj = _checked(obj, path, trailer is not None)
+            _io.check_table(path_str, trailer, crcs)
+        obj = _checked(obj, path_str, trailer is not None)
     except Exception as exc:
         error, obj = exc, None
     distributed.agree(error, info, what, path_str)
     return obj
+
+
+def _named(exc: BaseException, path: str) -> BaseException:
+    """``exc`` naming ``path`` (the reads went through a pinned /proc/self/fd name)."""
+    if isinstance(exc, CheckpointError) and exc.path != path:
+        renamed = type(exc)(path, exc.message)
+        renamed.__cause__ = exc.__cause__
+        return renamed
+    return exc
 
 
 def read_info(path: PathLike) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ class CheckpointError(RuntimeError):
 
     def __init__(self, path: Union[str, os.PathLike, None], message: str):
         self.path = None if path is None else os.fspath(path)
+        self.message = message
         super().__init__(f"{message} (checkpoint: {self.path})" if self.path else message)
 
 

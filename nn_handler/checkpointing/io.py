@@ -264,6 +264,12 @@ def file_checksum(path: PathLike) -> Optional[str]:
     return f"crc32c:{covered}:{chunk_size}:{table_crc:08x}"
 
 
+def pinned_name(fd: int, path: str) -> str:
+    """A name that opens the very file behind ``fd`` (Linux: /proc/self/fd/N), else ``path`` itself."""
+    name = f"/proc/self/fd/{fd}"
+    return name if os.path.exists(name) else path
+
+
 def check_readable_file(path: PathLike) -> Path:
     """Raise the right error for a path that is missing, a directory, or empty."""
     path = Path(path)
