@@ -19,15 +19,20 @@ def test_tiny_digits_score_run_writes_grids_and_task_sample_writes_samples_pt_an
     assert len(grids) == 2, grids
     assert matplotlib.image.imread(str(grids[-1])).ndim == 3
 
-    ok(run_cli(["task=sample", "checkpoint.path=train", "sample.n=8", "sample.steps=10", "seed=0",
-                "hydra.run.dir=s_ema"], cwd=tmp_path))
+    # sample.steps (and corrector_steps, value_range) not given: those the training run's grids used
+    ok(run_cli(["task=sample", "checkpoint.path=train", "sample.n=8", "seed=0", "hydra.run.dir=s_ema"], cwd=tmp_path))
     samples = torch.load(tmp_path / "s_ema" / "samples.pt", weights_only=True)
     assert samples.shape == (8, 1, 8, 8) and torch.isfinite(samples).all()
     image = matplotlib.image.imread(str(tmp_path / "s_ema" / "samples.png"))
     assert image.ndim == 3 and image.shape[0] > 8
     assert metrics(tmp_path / "s_ema")["weights"] == "ema"
+    assert metrics(tmp_path / "s_ema")["steps"] == 20  # recorded in the run config (TINY_SCORE)
 
     ok(run_cli(["task=sample", "checkpoint.path=train", "sample.n=8", "sample.steps=10", "seed=0",
+                "hydra.run.dir=s_ten"], cwd=tmp_path))
+    assert metrics(tmp_path / "s_ten")["steps"] == 10  # the command line wins
+
+    ok(run_cli(["task=sample", "checkpoint.path=train", "sample.n=8", "seed=0",
                 "load.skip_ema=true", "hydra.run.dir=s_live"], cwd=tmp_path))
     live = torch.load(tmp_path / "s_live" / "samples.pt", weights_only=True)
     assert metrics(tmp_path / "s_live")["weights"] == "live"

@@ -163,3 +163,21 @@ def test_denoising_score_matching_is_smallest_for_the_true_score():
     zero_loss = denoising_score_matching(lambda t, x_t: torch.zeros_like(x_t), x, sde).item()
     assert zero_loss == pytest.approx(2.0, rel=0.05)  # E|z|^2 in two dimensions
     assert exact_loss < wrong_loss < zero_loss
+
+
+def test_score_mlp_film_blocks_and_the_original_layout_for_recorded_kwargs():
+    from nn_handler.models import ScoreMLP
+
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5) * 0.9 + 0.05
+    old = ScoreMLP(shape=(1, 8, 8), hidden=16, layers=2)  # kwargs recorded before `film` existed: the old network
+    assert not old.film and sorted(old.state_dict()) == sorted(
+        ["freqs", "time.0.weight", "time.0.bias", "time.2.weight", "time.2.bias", "inp.weight", "inp.bias",
+         "blocks.0.1.weight", "blocks.0.1.bias", "blocks.1.1.weight", "blocks.1.1.bias", "out.1.weight", "out.1.bias"])
+    film = ScoreMLP(shape=(1, 8, 8), hidden=16, layers=2, film=True)
+    for model in (old, film):
+        score = model(t, x)
+        assert score.shape == x.shape and torch.isfinite(score).all()
+    # the FiLM blocks start as the identity (fc2 = 0) and the score is -eps / std(t)
+    _, std = film.sde.marginal_prob(x, t)
+    eps = film.out(film.inp(x.reshape(5, -1))).reshape(x.shape)
+    torch.testing.assert_close(film(t, x), -eps / std.reshape(5, 1, 1, 1))
