@@ -6,7 +6,7 @@ then runs each variant in a fresh process, alternating, several times:
 
   read           read the file's bytes (page cache) into memory
   naive          torch.load + build the model + load_state_dict + Adam load_state_dict
-  handler        NNHandler.load (checksum verified; tensors copied into the process's own memory)
+  handler        NNHandler.load (checksum verified while the tensors are copied into the process's own memory)
   handler_noverify  the same with verification switched off
   handler_mmap   NNHandler.load(mmap=True): the file's mapped tensors adopted, no copy
   handler_mmap_noverify  the same with verification switched off
