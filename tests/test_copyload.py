@@ -134,3 +134,15 @@ def test_a_save_replacing_the_file_during_a_load_neither_mixes_files_nor_fails_i
     loaded = read_checkpoint(path)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.zeros(4096))
     assert read_checkpoint(path)["step"] == 2  # the next load sees the new file
+
+
+def test_a_data_record_no_tensor_uses_sends_the_read_down_the_plain_route(tmp_path):
+    """With an unused first record, 'lowest storage = lowest record' would shift every storage onto
+    its neighbour's bytes (equal sizes, equal spacing): the pairing must be refused, not guessed."""
+    path = tmp_path / "three.pt"
+    torch.save({"a": torch.full((1024,), 1.0), "b": torch.full((1024,), 2.0), "c": torch.full((1024,), 3.0)}, path)
+    offsets = copyload._record_offsets(str(path))
+    mapped = torch.load(path, mmap=True, weights_only=True)
+    size = path.stat().st_size
+    assert copyload._match([mapped["a"], mapped["b"], mapped["c"]], offsets, size) is not None
+    assert copyload._match([mapped["b"], mapped["c"]], offsets, size) is None  # as if "a" were not in the pickle

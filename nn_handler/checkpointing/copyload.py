@@ -86,27 +86,35 @@ class _Plan:
 
 
 def _match(tensors: List[torch.Tensor], offsets: List[int], file_size: int):
-    """Map each copyable tensor's storage to its record offset; None unless every one matches exactly."""
-    storages: Dict[int, torch.UntypedStorage] = {}
+    """Map each tensor's storage to its record offset; None unless the pairing is certain.
+
+    torch maps the whole file once and slices each storage out of it, so pointer - offset is
+    the same base for all of them. The pairing is certain when every data record is the
+    storage of exactly one loaded tensor: then the lowest storage is the lowest record, which
+    fixes the base, and every other storage must then land exactly on a record. (A record that
+    no tensor uses could shift that anchor; such files take the plain route.)
+    """
+    storages: Dict[int, int] = {}  # data pointer -> nbytes
     for t in tensors:
-        if _copyable(t):
-            storage = t.untyped_storage()
-            if storage.nbytes():
-                storages.setdefault(storage.data_ptr(), storage)
+        if not _copyable(t):
+            return None
+        storage = t.untyped_storage()
+        if storage.data_ptr() == 0:
+            return None
+        storages.setdefault(storage.data_ptr(), storage.nbytes())
     if not storages:
         return {}
-    if not offsets:
+    if len(storages) != len(offsets):
         return None
-    # torch maps the whole file once and slices each storage out of it, so pointer - offset is
-    # the same base for all of them; the lowest storage is the lowest record.
     base = min(storages) - offsets[0]
     known = set(offsets)
     placed = {}
-    for ptr, storage in storages.items():
+    for ptr, nbytes in storages.items():
         offset = ptr - base
-        if offset not in known or offset + storage.nbytes() > file_size:
+        if offset not in known or offset + nbytes > file_size:
             return None
-        placed[ptr] = (offset, storage.nbytes())
+        if nbytes:
+            placed[ptr] = (offset, nbytes)
     ends = sorted(placed.values())
     if any(a_off + a_n > b_off for (a_off, a_n), (b_off, _) in zip(ends, ends[1:])):
         return None  # overlapping records: not the archive we think it is
