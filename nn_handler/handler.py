@@ -91,13 +91,14 @@ class NNHandler:
             module = model_class(**model_kwargs)
         if not isinstance(module, nn.Module):
             raise TypeError(f"model_class {model_class!r} built a {type(module).__name__}, not an nn.Module")
-        self._module = module.to(self._device)
-        self._model: nn.Module = self._module
+        module = module.to(self._device)
+        self._module = _unwrap(module)  # the user's own module, under e.g. a factory's torch.compile
+        self._model: nn.Module = module
         if self._dist.enabled:
             ids = [self._device.index] if self._device.type == "cuda" else None
             # A module adopted from a checkpoint holds the same verified weights on every rank:
             # DDP's initial broadcast of rank 0's parameters would only copy them again.
-            self._model = nn.parallel.DistributedDataParallel(self._module, device_ids=ids,
+            self._model = nn.parallel.DistributedDataParallel(module, device_ids=ids,
                                                               **({"init_sync": False} if adopted else {}))
         # Each component's record: name -> (spec or None, reason it could not be recorded).
         # ``load`` rebuilds only nn.Module classes, so a factory function is not recordable.

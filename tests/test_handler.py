@@ -407,3 +407,16 @@ def test_datasets_given_as_specs_are_rebuilt_by_load(tmp_path):
     resumed = NNHandler.load(tmp_path / "spec.pt")
     resumed.train(epochs=2, progress_bar=False)
     assert resumed.epoch == 3 and len(resumed.val_losses) == 3
+
+
+def test_a_factory_returning_a_compiled_model_exposes_the_users_own_module():
+    from nn_handler.models import MLP
+
+    def compiled_mlp(**kwargs):
+        return torch.compile(MLP(**kwargs))  # compiled lazily: nothing is compiled by this test
+
+    h = NNHandler(compiled_mlp, in_features=4, out_features=2, hidden=[8])
+    assert type(h.module) is MLP  # what users inspect, EMA averages and predict/sample run
+    assert h.model is not h.module and h.model._orig_mod is h.module  # what train runs
+    h.set_optimizer(torch.optim.SGD, lr=0.1)
+    assert {id(p) for p in h.optimizer.param_groups[0]["params"]} == {id(p) for p in h.module.parameters()}
