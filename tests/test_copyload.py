@@ -1,4 +1,5 @@
 """The default read: tensors copied out of the file into fresh memory, checksummed on the way."""
+import os
 import random
 from pathlib import Path
 
@@ -146,3 +147,37 @@ def test_a_data_record_no_tensor_uses_sends_the_read_down_the_plain_route(tmp_pa
     size = path.stat().st_size
     assert copyload._match([mapped["a"], mapped["b"], mapped["c"]], offsets, size) is not None
     assert copyload._match([mapped["b"], mapped["c"]], offsets, size) is None  # as if "a" were not in the pickle
+
+
+def test_thousands_of_small_tensors_load(tmp_path):
+    """A 1 MiB block can hold more records than one preadv call takes buffers (IOV_MAX = 1024)."""
+    path = tmp_path / "small.pt"
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(3000)}
+    ckpt_io.atomic_save(state, path)
+    loaded = read_checkpoint(path)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_conjugate_and_negative_views_keep_their_values(tmp_path):
+    path = tmp_path / "views.pt"
+    state = {"conj": torch.tensor([1 + 2j, 3 - 4j]).conj(), "neg": torch.tensor([1.0, -2.0])._neg_view(),
+             "w": torch.randn(64)}
+    ckpt_io.atomic_save(state, path)
+    loaded = read_checkpoint(path)
+    for key, value in state.items():
+        assert torch.equal(loaded[key].resolve_conj().resolve_neg(), value.resolve_conj().resolve_neg()), key
+
+
+def test_a_file_cut_short_while_it_is_copied_is_a_corrupt_checkpoint_naming_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "cut.pt"
+    ckpt_io.atomic_save({"w": torch.randn(300_000)}, path)
+    real = copyload._read_into
+
+    def truncate_then_read(fd, buffers, offset):
+        os.truncate(path, 1000)  # a plain torch.save over the file, caught mid-copy
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(copyload, "_read_into", truncate_then_read)
+    with pytest.raises(CorruptCheckpointError) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "/proc/self/fd" not in str(info.value)

@@ -137,6 +137,8 @@ def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", ke
                     _io.check_table(path_str, trailer, _io.chunk_crcs(source, trailer))
                 except CorruptCheckpointError as corrupt:
                     error = corrupt
+                except Exception:  # (e.g. the file is gone or empty now): the first error stands
+                    pass
         except Exception as exc:
             error = exc
         distributed.agree(error, info, what, path_str)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures as futures
 import ctypes
+import errno
 import mmap as _mmap
 import os
 import sys
@@ -31,9 +32,15 @@ import numpy as np
 import torch
 
 from . import io as _io
+from .errors import CorruptCheckpointError
 from .fastload import materialize
 
 _BLOCK = 1 << 20  # one preadv + hash step: small enough to stay in cache between the two
+_PREADV = hasattr(os, "preadv")  # (not on Windows: there every load takes the plain route)
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers one preadv accepts (1024 on Linux)
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 1024
 _PAGE = _mmap.PAGESIZE
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; elsewhere the call fails harmlessly and pages fault in one by one
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -66,7 +73,9 @@ def _tensors(obj: Any, out: List[torch.Tensor]) -> None:
 
 
 def _copyable(t: torch.Tensor) -> bool:
-    return type(t) is torch.Tensor and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized
+    # (conjugate and negative views carry a bit beside their storage that a rebuilt tensor would drop)
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.layout == torch.strided and \
+        not t.is_quantized and not t.is_conj() and not t.is_neg()
 
 
 class _Plan:
@@ -137,9 +146,9 @@ def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indic
     size = os.path.getsize(path)
     try:
         offsets = _record_offsets(path)
-    except Exception:  # not an archive torch's reader can list: take the plain route
-        offsets = None
-    placed = _match(tensors, offsets, size) if offsets is not None else None
+    except Exception as exc:  # torch.load just read this very file: it changed under us
+        raise CorruptCheckpointError(path, f"the file changed while it was being read ({exc})") from None
+    placed = _match(tensors, offsets, size) if offsets is not None and _PREADV else None
     if placed is None:  # the plain route
         crcs = _io.chunk_crcs(path, trailer, wanted) if wanted else {}
         return materialize(obj), crcs
@@ -163,6 +172,8 @@ def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indic
             for index, value in pool.map(one, sorted(visit)):
                 if index in hashed:
                     crcs[index] = value
+    except OSError as exc:  # (EOFError too: a file cut short while it was read)
+        raise CorruptCheckpointError(path, f"the file could not be read: {exc}") from None
     finally:
         os.close(fd)
     copies = {}
@@ -228,12 +239,10 @@ def _prefault(view: memoryview) -> None:
 
 def _read_into(fd: int, buffers: List[memoryview], offset: int) -> None:
     """``preadv`` until every buffer is full; a short file is a truncated file."""
-    if not buffers:
-        return
     while buffers:
-        got = os.preadv(fd, buffers, offset)
+        got = os.preadv(fd, buffers[:_IOV_MAX], offset)
         if got <= 0:
-            raise EOFError(f"unexpected end of file at byte {offset}")
+            raise OSError(errno.EIO, f"unexpected end of file at byte {offset} (truncated while being read?)")
         offset += got
         while buffers and got >= buffers[0].nbytes:
             got -= buffers[0].nbytes
