@@ -657,13 +657,18 @@ def continue_run(cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
                 seed=None)
 
 
-def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+def _handler_checkpoint(cfg: DictConfig, ctx: RunContext, needed: str) -> Tuple[str, Dict[str, Any], "ModelChoice"]:
+    """``(path, info, model choice)`` of ``checkpoint.path``, which must hold a whole handler (``needed``: why)."""
     path = checkpoint_path(cfg, ctx)
     info = _info(path, cfg.checkpoint.path)
     if info["kind"] != "handler":
-        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, not a training state to "
-                          f"resume: use task=finetune model=... (or task=infer)")
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, {needed}")
+    return path, info, ModelChoice(cfg, info, cfg.checkpoint.path)
+
+
+def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    path, info, choice = _handler_checkpoint(cfg, ctx, "not a training state to resume: use task=finetune "
+                                                       "model=... (or task=infer)")
     model_differences = choice.differences()
     check = Drift(cfg, ctx, path, info, choice)
     check.report(model_differences, allow=bool(cfg.resume.allow_drift))
@@ -804,12 +809,8 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     The EMA weights are used when the checkpoint has them, unless ``load.skip_ema=true`` (then the
     live weights). ``seed`` fixes the noise (null: the global random stream).
     """
-    path = checkpoint_path(cfg, ctx)
-    info = _info(path, cfg.checkpoint.path)
-    if info["kind"] != "handler":
-        raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights: task=sample needs a "
-                          f"checkpoint of a trained generative model (with its SDE or sampler)")
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    path, info, choice = _handler_checkpoint(cfg, ctx, "task=sample needs a checkpoint of a trained generative "
+                                                       "model (with its SDE or sampler)")
     h = _load(path, cfg, choice if choice.configured else None)
     if h.sde is None or ctx.given("sde"):
         _set_sde(h, cfg)

@@ -1,6 +1,19 @@
 """Hostile payloads and a save loop for the integrity tests (importable, so pickling works)."""
 import os
 import sys
+from pathlib import Path
+
+
+def mapped_from(tensor, path) -> bool:
+    """Whether ``tensor``'s memory is a mapping of the file ``path`` (Linux: /proc/self/maps)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
 
 
 class Payload:

@@ -1,7 +1,6 @@
 """The default read: tensors copied out of the file into fresh memory, checksummed on the way."""
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,16 +9,7 @@ from nn_handler.checkpointing import CorruptCheckpointError, read_checkpoint
 from nn_handler.checkpointing import copyload
 from nn_handler.checkpointing import io as ckpt_io
 
-
-def _mapped_from(tensor: torch.Tensor, path: Path) -> bool:
-    ptr = tensor.untyped_storage().data_ptr()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[-1] == str(path):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo <= ptr < hi:
-                return True
-    return False
+from safety_helpers import mapped_from
 
 
 @pytest.fixture
@@ -64,7 +54,7 @@ def test_copied_state_equals_the_saved_state_and_keeps_views_shared(tmp_path, ti
     loaded["base"][3, 0] = 123.0
     assert loaded["view"][0, 0] == 123.0 and loaded["transposed"][0, 3] == 123.0
     # and nothing is tied to the file
-    assert not any(_mapped_from(t, path) for t in (loaded["base"], loaded["half"], loaded["nested"][0]["w"]))
+    assert not any(mapped_from(t, path) for t in (loaded["base"], loaded["half"], loaded["nested"][0]["w"]))
 
 
 def test_every_flipped_bit_in_a_many_chunk_file_is_caught_by_the_copying_read(tmp_path, tiny_chunks):
@@ -101,7 +91,7 @@ def test_files_that_do_not_fit_the_raw_copy_still_load_into_private_memory(tmp_p
     foreign = tmp_path / "foreign.pt"  # another tool's zip file: no checksum, copied all the same
     torch.save(state, foreign)
     loaded = read_checkpoint(foreign)
-    assert torch.equal(loaded["w"], state["w"]) and not _mapped_from(loaded["w"], foreign)
+    assert torch.equal(loaded["w"], state["w"]) and not mapped_from(loaded["w"], foreign)
 
 
 def test_a_mapped_load_stays_private_even_when_torch_is_set_to_share_mappings(tmp_path):

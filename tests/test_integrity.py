@@ -20,7 +20,7 @@ from nn_handler.checkpointing import (CheckpointError, CorruptCheckpointError, I
 from nn_handler.checkpointing import io as ckpt_io
 from nn_handler.models import MLP
 
-from safety_helpers import Payload
+from safety_helpers import Payload, mapped_from
 
 DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 64, "in_features": 8, "num_classes": 3}
 
@@ -263,18 +263,8 @@ def test_mmap_load_adopts_the_mapped_tensors_without_a_copy(saved):
     safe = NNHandler.load(path)
     assert _same_state(fast, original) and _same_state(safe, original)
 
-    def mapped_from_file(tensor) -> bool:
-        ptr = tensor.untyped_storage().data_ptr()
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 6 and fields[-1] == str(path):
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if lo <= ptr < hi:
-                    return True
-        return False
-
-    assert mapped_from_file(fast.module.net[0].weight)  # the file's own pages, no copy
-    assert not mapped_from_file(safe.module.net[0].weight)  # the default owns its memory
+    assert mapped_from(fast.module.net[0].weight, path)  # the file's own pages, no copy
+    assert not mapped_from(safe.module.net[0].weight, path)  # the default owns its memory
 
 
 def test_a_file_cannot_make_load_call_functions_outside_the_trusted_ones(tmp_path):

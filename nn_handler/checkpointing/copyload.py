@@ -33,7 +33,7 @@ import torch
 
 from . import io as _io
 from .errors import CorruptCheckpointError
-from .fastload import materialize
+from .fastload import map_tensors, materialize
 
 _BLOCK = 1 << 20  # one preadv + hash step: small enough to stay in cache between the two
 _PREADV = hasattr(os, "preadv")  # (not on Windows: there every load takes the plain route)
@@ -59,17 +59,6 @@ def _record_offsets(path: str) -> Optional[List[int]]:
             if order != sys.byteorder:
                 return None  # torch.load swapped these bytes in memory: the file's are not the tensors'
         return sorted(reader.get_record_offset(name) for name in records if name.startswith(prefix + "data/"))
-
-
-def _tensors(obj: Any, out: List[torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _tensors(value, out)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _tensors(value, out)
 
 
 def _copyable(t: torch.Tensor) -> bool:
@@ -142,7 +131,7 @@ def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indic
         if f.read(4) != _io._ZIP_MAGIC:  # a legacy file: torch.load read it into ordinary memory already
             return obj, (_io.chunk_crcs(path, trailer, wanted) if wanted else {})
     tensors: List[torch.Tensor] = []
-    _tensors(obj, tensors)
+    map_tensors(tensors.append, obj)
     size = os.path.getsize(path)
     try:
         offsets = _record_offsets(path)
@@ -176,25 +165,15 @@ def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indic
         raise CorruptCheckpointError(path, f"the file could not be read: {exc}") from None
     finally:
         os.close(fd)
-    copies = {}
-    for ptr, dest in dests.items():
-        copies[ptr] = dest.untyped_storage()
+    copies = {ptr: dest.untyped_storage() for ptr, dest in dests.items()}
 
-    def rebuild(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            if not _copyable(value) or not value.untyped_storage().nbytes():
-                return materialize(value)
-            out = torch.empty(0, dtype=value.dtype)
-            out.set_(copies[value.untyped_storage().data_ptr()], value.storage_offset(), value.size(), value.stride())
-            return out.requires_grad_(value.requires_grad)
-        if isinstance(value, dict):
-            return {k: rebuild(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [rebuild(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(rebuild(v) for v in value)
-        return value
-    return rebuild(obj), crcs
+    def rebuild(value: torch.Tensor) -> torch.Tensor:
+        if not _copyable(value) or not value.untyped_storage().nbytes():
+            return materialize(value)
+        out = torch.empty(0, dtype=value.dtype)
+        out.set_(copies[value.untyped_storage().data_ptr()], value.storage_offset(), value.size(), value.stride())
+        return out.requires_grad_(value.requires_grad)
+    return map_tensors(rebuild, obj), crcs
 
 
 def _copy_chunk(fd: int, plan: _Plan, start: int, end: int, hash_it: bool, zero_from: int) -> int:

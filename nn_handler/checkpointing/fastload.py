@@ -96,18 +96,27 @@ def _release(tensor: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in its nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(fn, v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def _private_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        return tensor
+    copy = tensor.clone()
+    _release(tensor)
+    return copy
+
+
 def materialize(obj: Any) -> Any:
     """``obj`` with every CPU tensor copied into ordinary memory, each source's mapped pages released."""
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type != "cpu":
-            return obj
-        copy = obj.clone()
-        _release(obj)
-        return copy
-    if isinstance(obj, dict):
-        return {k: materialize(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [materialize(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(materialize(v) for v in obj)
-    return obj
+    return map_tensors(_private_copy, obj)
