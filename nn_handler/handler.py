@@ -597,8 +597,8 @@ class NNHandler:
 
     def _warn(self, message: str) -> None:
         if self._dist.is_main:
-            warnings.warn(message, NNHandlerWarning, stacklevel=3)
-            logger.warning(message)
+            warnings.warn(message, NNHandlerWarning, stacklevel=3)  # once: an application routes
+            # warnings to its logs with logging.captureWarnings (the runner does)
 
     def _missing(self, component: str, how: str) -> str:
         why = self._not_restored.get(component)

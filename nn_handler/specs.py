@@ -8,24 +8,18 @@ targets read from a file live here too.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 import sys
+import types
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 TARGET = "_target_"
 Spec = Dict[str, Any]
-
-# Targets that a spec read from a file may never name: they execute code from, or
-# deserialise objects out of, something other than the spec itself.
-_DENIED_PREFIXES = (
-    "torch.load", "torch.hub", "torch.jit", "torch.package", "torch.serialization",
-    "torch.utils.cpp_extension", "torch._C", "torch.ops", "torch.compile",
-    "numpy.load", "numpy.lib", "pandas.read_pickle", "joblib", "dill", "cloudpickle",
-    "nn_handler.checkpointing",
-)
-
 
 class SpecError(ValueError):
     """A spec cannot be recorded, resolved or built. The message names the component."""
@@ -146,92 +140,269 @@ def import_object(path: str) -> Any:
     raise SpecError(f"cannot import {path!r}: no module found ({error})")
 
 
-def check_target_allowed(path: str, what: str) -> None:
-    """Refuse targets that a file must never make us call (standard library, loaders)."""
-    top = path.split(".", 1)[0]
-    if top in sys.stdlib_module_names or top == "builtins":
-        raise SpecError(f"{what}: refusing target {path!r} read from a checkpoint: "
-                        "standard-library callables are never built from a file")
-    for prefix in _DENIED_PREFIXES:
-        if path == prefix or path.startswith(prefix + "."):
-            raise SpecError(f"{what}: refusing target {path!r} read from a checkpoint: it loads or runs code")
+# ---------------------------------------------------------------------------- what a file may name
+#
+# A spec read from a file resolves only objects DEFINED in a trusted module. The check runs on
+# the dotted path before anything is imported: only module names that are trusted (or parents of
+# trusted ones, which importing them imports anyway) are imported, each by its exact name; the
+# attributes after the module are plain public names (a class attribute path), never a module
+# object, never ``_private`` or ``__dunder__``; and the object found must itself be defined in a
+# trusted module (its ``__module__``), so a trusted module's imports (``torch.nn.functional.torch``,
+# ``matplotlib.os``) are never reachable through it.
+
+# Classes a file may name: defined at or below these modules (then checked against the slot's kind).
+CLASS_MODULES = ("torch.nn.modules", "torch.optim", "torch.utils.data.dataset",
+                 "nn_handler.models", "nn_handler.callbacks", "nn_handler.sde", "nn_handler.sampler",
+                 "nn_handler.losses", "nn_handler.metrics", "nn_handler.datasets")
+# Functions a file may name: defined in exactly these modules (the ones meant to hold losses,
+# metrics and datasets).
+FUNCTION_MODULES = ("torch.nn.functional", "nn_handler.losses", "nn_handler.metrics", "nn_handler.datasets")
+# Targets moved since older files were written: old path -> new path.
+RENAMED = {"nn_handler.training.denoising_score_matching": "nn_handler.losses.denoising_score_matching"}
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-# What a checkpoint may name besides a class of the component's own kind (an nn.Module model,
-# an Optimizer, a Callback, ...): classes and functions from these modules, and anything in
-# a trusted package (the model's own top-level package and those the caller names).
-_CLASS_MODULES = ("torch.nn", "torch.optim", "torch.utils.data", "nn_handler.sde", "nn_handler.sampler",
-                  "nn_handler.models", "nn_handler.callbacks")
-_FUNCTION_MODULES = ("torch.nn.functional", "nn_handler.metrics", "nn_handler.datasets", "nn_handler.training")
-_NEVER_TRUSTED = ("torch", "nn_handler")  # too wide as a whole: only the lists above
+@dataclass(frozen=True)
+class Trust:
+    """What a spec read from a file may name besides the library's own lists.
+
+    ``names``: dotted names the caller vouches for (packages, modules, or single objects such as
+    ``mypkg.data.build``): an object is trusted when its defining module, or its full name, is one
+    of them or lies below one. ``modules``: modules trusted exactly (not their submodules): the
+    recorded model class's own module.
+    """
+
+    names: Tuple[str, ...] = ()
+    modules: Tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, value: Any) -> "Trust":
+        if isinstance(value, Trust):
+            return value
+        if isinstance(value, str):
+            value = (value,)
+        names = []
+        for name in value or ():
+            if not isinstance(name, str) or not all(_IDENTIFIER.match(p) for p in name.split(".")):
+                raise SpecError(f"trusted package {name!r} is not a dotted module or object name")
+            names.append(name)
+        return cls(names=tuple(names))
+
+    def with_modules(self, *modules: str) -> "Trust":
+        return Trust(self.names, self.modules + tuple(m for m in modules if m not in self.modules))
+
+    def vouches_for(self, obj: Any) -> bool:
+        """Whether the caller's names cover ``obj`` (by its defining module or its full name)."""
+        module = getattr(obj, "__module__", None)
+        if not isinstance(module, str):
+            return False
+        full = f"{module}.{getattr(obj, '__qualname__', '')}"
+        return any(_at_or_below(module, n) or _at_or_below(full, n) for n in self.names)
+
+    def covers(self, name: str) -> bool:
+        """Whether the caller vouches for ``name`` (a module, or an object's full name)."""
+        return name in self.modules or any(_at_or_below(name, n) for n in self.names)
 
 
 class UntrustedTarget(SpecError):
-    """A spec read from a file names a callable outside the trusted classes, functions and packages."""
+    """A spec read from a file names something it may not: untrusted, or not of the slot's kind.
 
-
-def _within(path: str, modules: Tuple[str, ...]) -> bool:
-    return any(path.startswith(m + ".") for m in modules)
-
-
-def resolve(path: str, what: str, *, expected: Any = None, from_file: bool = True,
-            trusted: Tuple[str, ...] = ()) -> Any:
-    """Import the target of a spec and check its kind; from a file, only what may be trusted.
-
-    ``expected`` (a class or a tuple of classes) is what the component must be; without it
-    any callable will do. A target read from a file must be a class of the expected kind, or
-    a class (torch's and nn_handler's only from the modules listed above), or a function from
-    the modules listed above or from one of the ``trusted`` top-level packages. Functions are
-    what an attacker needs (``torch.utils.collect_env.run(command)``, say); anything else
-    raises UntrustedTarget without being called.
+    ``target`` is the dotted path, ``slot`` the component, ``package`` what to trust to allow it.
     """
-    if from_file:
-        check_target_allowed(path, what)
-    obj = import_object(path)
-    kinds = expected if isinstance(expected, tuple) else ((expected,) if expected is not None else ())
-    if kinds and isinstance(obj, type) and issubclass(obj, kinds):
+
+    def __init__(self, message: str, target: str, slot: str, package: Optional[str]):
+        super().__init__(message)
+        self.target, self.slot, self.package = target, slot, package
+
+
+def _at_or_below(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+def _importable(module: str, trust: Trust) -> bool:
+    """Whether ``module`` may be imported while resolving a file's target (before anything runs)."""
+    if any(_at_or_below(module, r) for r in CLASS_MODULES + trust.names):
+        return True
+    # Exact modules, and the parents of any trusted name (importing a module imports its parents).
+    return any(_at_or_below(r, module) for r in CLASS_MODULES + FUNCTION_MODULES + trust.names + trust.modules)
+
+
+def _trusted_module(module: str, trust: Trust) -> bool:
+    return (any(_at_or_below(module, r) for r in CLASS_MODULES) or module in FUNCTION_MODULES
+            or trust.covers(module))
+
+
+def _defined_in_trusted(obj: Any, trust: Trust) -> bool:
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str):
+        return False
+    full = f"{module}.{getattr(obj, '__qualname__', '')}"
+    if trust.covers(module) or any(_at_or_below(full, n) for n in trust.names):
+        return True
+    if isinstance(obj, type):
+        return any(_at_or_below(module, r) for r in CLASS_MODULES)
+    return module in FUNCTION_MODULES
+
+
+def _kind_names(kinds: Tuple[type, ...]) -> str:
+    names = " or ".join(k.__qualname__ for k in kinds)
+    return ("an " if names[:1] in "AEIOU" else "a ") + names
+
+
+def _kinds(expected: Any) -> Tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else ((expected,) if expected is not None else ())
+
+
+def _refuse(path: str, what: str, why: str) -> UntrustedTarget:
+    top = path.split(".", 1)[0]
+    package = top if _IDENTIFIER.match(top) and top not in ("torch", "nn_handler") \
+        and top not in sys.stdlib_module_names else None
+    return UntrustedTarget(f"{what}: refusing target {path!r}: {why}", path, what, package)
+
+
+def resolve(path: str, what: str, *, expected: Any = None, functions: bool = True, from_file: bool = True,
+            trusted: Any = ()) -> Any:
+    """The object a spec's target names, checked for the slot ``what``.
+
+    ``expected`` (a class or tuple of classes) is the slot's kind: a class must subclass it.
+    ``functions``: whether the slot takes a function (a loss, a metric, a dataset or model
+    factory); from a file only one defined in a trusted module. From a file, see the rules
+    above; from the caller's own code or config (``from_file=False``) any import path works.
+    Raises ``UntrustedTarget`` without importing an untrusted module or calling anything.
+    """
+    kinds = _kinds(expected)
+    if not from_file:
+        obj = import_object(path)
+        if not callable(obj):
+            raise SpecError(f"{what}: target {path!r} is not callable")
         return obj
-    if from_file:
-        top = path.split(".", 1)[0]
-        if isinstance(obj, type):  # a class: torch's and ours only from the listed modules, others freely
-            allowed = _within(path, _CLASS_MODULES) if top in _NEVER_TRUSTED else True
-        else:  # a function: only the listed modules, or a package the caller trusts
-            allowed = _within(path, _FUNCTION_MODULES) or (top in trusted and top not in _NEVER_TRUSTED)
-        if not allowed:
-            kind = f"a {' or '.join(k.__qualname__ for k in kinds)} subclass, " if kinds else ""
-            raise UntrustedTarget(
-                f"{what}: not building {path!r} from a checkpoint: it is not {kind}nor a trusted class or "
-                f"function, and {top!r} is not a trusted package (pass trusted_packages=[{top!r}] to "
-                f"NNHandler.load if you trust it)")
-    if not callable(obj):
-        raise SpecError(f"{what}: target {path!r} is not callable")
+    trust = Trust.of(trusted)
+    if not isinstance(path, str) or not path:
+        raise _refuse(repr(path), what, "not a dotted import path")
+    path = RENAMED.get(path, path)
+    parts = path.split(".")
+    if len(parts) < 2 or not all(_IDENTIFIER.match(p) for p in parts):
+        raise _refuse(path, what, "not a dotted import path")
+    obj, module_name = None, None
+    for cut in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:cut])
+        if any(p.startswith("__") for p in parts[:cut]) or not _importable(candidate, trust):
+            continue
+        try:
+            obj = importlib.import_module(candidate)
+        except ModuleNotFoundError as exc:
+            if exc.name and _at_or_below(candidate, exc.name):
+                continue  # this prefix is not a module: a shorter one may be
+            raise SpecError(f"{what}: importing {candidate!r} for {path!r} failed: {exc}") from exc
+        except Exception as exc:
+            raise SpecError(f"{what}: importing {candidate!r} for {path!r} failed: {exc}") from exc
+        module_name = candidate
+        break
+    if module_name is None:
+        raise _refuse(path, what, "it is not defined in a trusted module")
+    attrs = parts[len(module_name.split(".")):]
+    for attr in attrs:
+        if attr.startswith("_"):
+            raise _refuse(path, what, f"{attr!r} is a private name")
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            if not _trusted_module(module_name, trust):  # imported only as a trusted module's parent
+                raise _refuse(path, what, "it is not defined in a trusted module") from None
+            if isinstance(obj, types.ModuleType) and hasattr(obj, "__path__"):  # maybe a submodule not imported
+                raise _refuse(path, what, f"{obj.__name__}.{attr} is not defined in {obj.__name__!r}") from None
+            raise SpecError(f"{what}: cannot import {path!r}: {module_name!r} has no attribute path "
+                            f"{'.'.join(attrs)!r}") from None
+        if isinstance(obj, types.ModuleType):
+            raise _refuse(path, what, f"it goes through the module {obj.__name__!r}, not one defined in "
+                                      f"{module_name!r}")
+    is_class = isinstance(obj, type)
+    is_function = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)) or (
+        isinstance(obj, types.MethodType) and isinstance(obj.__self__, type))
+    if not (is_class or is_function):
+        raise _refuse(path, what, f"it is a {type(obj).__name__} object, not a class or a function")
+    if not _defined_in_trusted(obj, trust):
+        raise _refuse(path, what, f"it is defined in {getattr(obj, '__module__', None)!r}, not in a trusted module")
+    if is_class and kinds and not issubclass(obj, kinds):
+        raise _refuse(path, what, f"{_kind_names(kinds)} subclass is expected here")
+    if is_function and not functions:
+        raise _refuse(path, what, f"a class is expected here ({_kind_names(kinds)} subclass), "
+                                  "not a function")
     return obj
 
 
-def build_from_file(spec: Any, what: str, trusted: Tuple[str, ...] = (), expected: Any = None) -> Any:
-    """Build a (possibly nested) spec read from a file: every target checked by ``resolve``, no
-    string interpolation (unlike Hydra's ``instantiate``), ``_args_`` and ``_partial_`` honoured."""
+def model_module_trust(path: Any, checkpoint_dir: Any) -> Tuple[str, ...]:
+    """The modules a recorded model target may come from when a plain ``NNHandler.load(path)``
+    trusts it (every dotted prefix of the target: which one is the module is known only after
+    importing; the model's own ``__module__`` is what the other slots then trust).
+
+    So that the documented load keeps working for a user's own model, its module is trusted
+    when it is already imported in this process, or when its top-level package is found on the
+    import path somewhere other than the working directory and the checkpoint's own directory
+    (an installed distribution, a PYTHONPATH entry: places that someone who only hands over a
+    file cannot write; never a ``setup.py`` lying next to the user or the file). Never the
+    standard library, torch or nn_handler (their own lists apply). Nothing is imported here.
+    """
+    if not isinstance(path, str):
+        return ()
+    parts = RENAMED.get(path, path).split(".")
+    if len(parts) < 2 or not all(_IDENTIFIER.match(p) and not p.startswith("__") for p in parts):
+        return ()
+    top = parts[0]
+    if top in sys.stdlib_module_names or top in ("builtins", "torch", "nn_handler"):
+        return ()
+    for cut in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:cut]) in sys.modules:
+            return (".".join(parts[:cut]),)
+    import importlib.util
+    import os
+    try:
+        found = importlib.util.find_spec(top)  # a top-level name: the finders run, nothing is imported
+    except (ImportError, ValueError):
+        return ()
+    if found is None or not found.has_location or not found.origin:
+        return ()
+    where = list(found.submodule_search_locations or [])
+    entries = {os.path.dirname(os.path.realpath(p)) for p in where} if where else \
+        {os.path.dirname(os.path.realpath(found.origin))}
+    forbidden = {os.path.realpath(os.getcwd()), os.path.realpath(os.fspath(checkpoint_dir))}
+    if entries & forbidden or not entries:
+        return ()
+    return tuple(".".join(parts[:cut]) for cut in range(1, len(parts)))
+
+
+def build_from_file(spec: Any, what: str, trusted: Any = (), expected: Any = None, functions: bool = True) -> Any:
+    """Build a (possibly nested) spec read from a file: every target checked by ``resolve`` before
+    anything is called (the outer one against the slot's kind, nested ones as plain trusted classes
+    or functions), no string interpolation (unlike Hydra's ``instantiate``), ``_args_`` and
+    ``_partial_`` honoured."""
+    trust = Trust.of(trusted)
     if isinstance(spec, Mapping) and TARGET in spec:
-        target = resolve(str(spec[TARGET]), what, expected=expected, trusted=trusted)
-        kwargs = {k: build_from_file(v, what, trusted) for k, v in spec.items()
+        target = resolve(spec[TARGET], what, expected=expected, functions=functions, trusted=trust)
+        args = spec.get("_args_", ())
+        if not isinstance(args, (list, tuple)):
+            raise SpecError(f"{what}: '_args_' of {spec[TARGET]!r} is a {type(args).__name__}, not a list")
+        kwargs = {k: build_from_file(v, what, trust) for k, v in spec.items()
                   if k not in (TARGET, "_args_", "_partial_", "_convert_", "_recursive_")}
-        args = [build_from_file(v, what, trusted) for v in spec.get("_args_", ())]
-        if spec.get("_partial_"):
-            import functools
-            return functools.partial(target, *args, **kwargs)
+        positional = [build_from_file(v, what, trust) for v in args]
+        if any(not isinstance(k, str) or not _IDENTIFIER.match(k) for k in kwargs):
+            raise SpecError(f"{what}: the keyword arguments of {spec[TARGET]!r} are not all names")
+        if spec.get("_partial_") is True:
+            return functools.partial(target, *positional, **kwargs)
         try:
-            return target(*args, **kwargs)
+            return target(*positional, **kwargs)
         except Exception as exc:
             raise SpecError(f"{what}: building {spec[TARGET]!r} failed: {exc}") from exc
     if isinstance(spec, Mapping):
-        return {k: build_from_file(v, what, trusted) for k, v in spec.items()}
+        return {k: build_from_file(v, what, trust) for k, v in spec.items()}
     if isinstance(spec, (list, tuple)):
-        return type(spec)(build_from_file(v, what, trusted) for v in spec)
+        return type(spec)(build_from_file(v, what, trust) for v in spec)
     return spec
 
 
-def instantiate(spec: Mapping[str, Any], what: str, *, from_file: bool = True, trusted: Tuple[str, ...] = (),
-                expected: Any = None) -> Any:
+def instantiate(spec: Mapping[str, Any], what: str, *, from_file: bool = True, trusted: Any = (),
+                expected: Any = None, functions: bool = True) -> Any:
     """Build an object from a (possibly nested) spec.
 
     A spec from the user's own code or config goes to Hydra's ``instantiate``; a spec read from
@@ -239,7 +410,7 @@ def instantiate(spec: Mapping[str, Any], what: str, *, from_file: bool = True, t
     """
     path, _ = split(spec)
     if from_file:
-        return build_from_file(dict(spec), what, trusted, expected)
+        return build_from_file(dict(spec), what, trusted, expected, functions)
     from hydra.utils import instantiate as hydra_instantiate
 
     try:

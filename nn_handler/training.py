@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .callbacks.base import overrides
 from .distributed import StopVote
 from .enums import ModelType
+from .losses import denoising_score_matching  # noqa: F401 (also importable from here, as before)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .handler import NNHandler
@@ -137,24 +138,6 @@ def _batch_size(x: Any) -> int:
     if isinstance(x, dict) and x:
         return _batch_size(next(iter(x.values())))
     return 1
-
-
-def denoising_score_matching(model: Callable, x: torch.Tensor, sde: Any) -> torch.Tensor:
-    """Denoising score matching with the weighting lambda(t) = sigma(t)^2.
-
-    ``t ~ U(eps, T)``, ``x_t = mean(x, t) + sigma(t) z``; the loss is
-    ``mean over the batch of sum over dims of (sigma(t) s(t, x_t) + z)^2``, which is
-    ``sigma^2 |s - grad log p_t(x_t | x)|^2``. The SDE provides ``marginal_prob(x, t)
-    -> (mean, std)``, ``T`` and (optionally) ``eps``.
-    """
-    eps = float(getattr(sde, "eps", 1e-5))
-    T = float(getattr(sde, "T", 1.0))
-    t = torch.rand(x.shape[0], device=x.device) * (T - eps) + eps
-    z = torch.randn_like(x)
-    mean, std = sde.marginal_prob(x, t)
-    std = std.reshape(-1, *([1] * (x.dim() - 1)))
-    score = model(t, mean + std * z)
-    return ((score * std + z) ** 2).reshape(x.shape[0], -1).sum(dim=1).mean()
 
 
 def make_forward(h: "NNHandler") -> Callable[[Any], Tuple[torch.Tensor, Any, Any, int]]:

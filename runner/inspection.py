@@ -43,6 +43,8 @@ def value_text(value: Any) -> str:
 def kwargs_text(kwargs: Optional[Mapping[str, Any]]) -> str:
     if not kwargs:
         return "(none)"
+    if not isinstance(kwargs, Mapping):
+        return value_text(kwargs)
     return ", ".join(f"{k}={value_text(v)}" for k, v in kwargs.items())
 
 
@@ -50,6 +52,8 @@ def spec_text(spec: Optional[Mapping[str, Any]]) -> str:
     """``{"target": T, "kwargs": {...}}`` or ``{"_target_": T, ...}`` as ``T(k=v, ...)``."""
     if not spec:
         return "none"
+    if not isinstance(spec, Mapping):
+        return value_text(spec)
     if "target" in spec:
         target, kwargs = spec.get("target"), spec.get("kwargs") or {}
     else:
@@ -71,10 +75,10 @@ def to_json(report: Dict[str, Any]) -> str:
 def damage(report: Mapping[str, Any]) -> Optional[str]:
     """Why the file cannot be trusted (damaged or unreadable), or None."""
     integrity = report.get("integrity") or {}
+    if isinstance(integrity, Mapping) and integrity.get("damaged"):  # the cause of any read error after it
+        return str(integrity.get("reason") or "damaged")
     if report.get("error"):
         return str(report["error"])
-    if integrity.get("damaged"):
-        return str(integrity.get("reason") or "damaged")
     return None
 
 
@@ -82,6 +86,8 @@ def damage(report: Mapping[str, Any]) -> Optional[str]:
 def _integrity_line(integrity: Mapping[str, Any]) -> str:
     if not integrity:
         return "not checked"
+    if not isinstance(integrity, Mapping):
+        return value_text(integrity)
     if integrity.get("damaged"):
         return f"DAMAGED: {integrity.get('reason')}"
     if integrity.get("verified"):
@@ -111,6 +117,9 @@ def _optimizer_lines(optimizer: Optional[Mapping[str, Any]]) -> List[str]:
         return ["optimizer: none"]
     lines = [f"optimizer: {optimizer.get('target')}", f"  kwargs: {kwargs_text(optimizer.get('kwargs'))}"]
     for i, group in enumerate(optimizer.get("param_groups") or []):
+        if not isinstance(group, Mapping):
+            lines.append(f"  param group {i}: {value_text(group)}")
+            continue
         shown = {k: v for k, v in group.items() if k != "num_params" and k not in _OPTIMIZER_FLAGS and v is not None}
         lines.append(f"  param group {i} ({group.get('num_params', '?')} tensors): {kwargs_text(shown)}")
     lines.append(f"  state entries: {optimizer.get('state_entries', 0)}")
@@ -182,8 +191,26 @@ def _config_lines(run_config: Any) -> List[str]:
 
 
 def format_inspect(report: Mapping[str, Any]) -> str:
-    """The report of ``nn_handler.checkpointing.inspect`` as readable text."""
-    lines = [f"checkpoint: {report.get('path')} ({size(report.get('file_bytes'))})"]
+    """The report of ``nn_handler.checkpointing.inspect`` as readable text (never raises: a part that
+    cannot be shown as text is shown as JSON)."""
+    lines: List[str] = []
+    try:
+        _inspect_lines(report, lines)
+    except Exception as exc:  # noqa: BLE001 (a report with fields of unexpected types)
+        lines.append(f"(the rest of the report cannot be shown as text: {type(exc).__name__}: {exc}; as JSON:)")
+        lines.append(to_json(dict(report)))
+    return "\n".join(lines)
+
+
+def _problem_lines(problems: Any) -> List[str]:
+    if not problems:
+        return []
+    problems = problems if isinstance(problems, list) else [problems]
+    return [f"malformed records ({len(problems)}), shown as empty:"] + [f"  {value_text(p)}" for p in problems]
+
+
+def _inspect_lines(report: Mapping[str, Any], lines: List[str]) -> None:
+    lines.append(f"checkpoint: {report.get('path')} ({size(report.get('file_bytes'))})")
     if "integrity" in report:
         lines.append(f"integrity: {_integrity_line(report['integrity'])}")
     kind = report.get("kind")
@@ -196,12 +223,13 @@ def format_inspect(report: Mapping[str, Any]) -> str:
         lines.append(f"parameters: {report.get('parameters', 0):,}")
         lines += _tensor_lines(report)
     if kind != "handler":
-        return "\n".join(lines)
+        return
     versions = report.get("versions") or {}
     model = report.get("model") or {}
     ema = report.get("ema")
+    lines.append(f"kind: nn_handler checkpoint, format version {report.get('format_version')}")
+    lines += _problem_lines(report.get("problems"))
     lines += [
-        f"kind: nn_handler checkpoint, format version {report.get('format_version')}",
         f"versions: {kwargs_text(versions) if versions else 'not recorded'}",
         f"created: {report.get('created') or 'not recorded'}",
         f"world size: {report.get('world_size')}",
@@ -234,8 +262,7 @@ def format_inspect(report: Mapping[str, Any]) -> str:
     lines += _lineage_lines(report.get("lineage"))
     lines += _config_lines(report.get("run_config"))
     if report.get("metadata_keys"):
-        lines.append(f"metadata keys: {', '.join(report['metadata_keys'])}")
-    return "\n".join(lines)
+        lines.append(f"metadata keys: {', '.join(map(str, report['metadata_keys']))}")
 
 
 # ---------------------------------------------------------------------------- diff
@@ -253,7 +280,16 @@ def _names(title: str, names: Iterable[str]) -> List[str]:
 
 
 def format_diff(d: Mapping[str, Any], top: int = 10) -> str:
-    """The dict of ``nn_handler.checkpointing.diff`` as readable text; ``top`` tensors by largest difference."""
+    """The dict of ``nn_handler.checkpointing.diff`` as readable text; ``top`` tensors by largest difference.
+    Never raises: a dict that cannot be shown as text is shown as JSON."""
+    try:
+        return _diff_text(d, top)
+    except Exception as exc:  # noqa: BLE001
+        return f"a: {d.get('a')}\nb: {d.get('b')}\n(cannot be shown as text: {type(exc).__name__}: {exc}; " \
+               f"as JSON:)\n{to_json(dict(d))}"
+
+
+def _diff_text(d: Mapping[str, Any], top: int) -> str:
     lines = [f"a: {d.get('a')}", f"b: {d.get('b')}"]
     kind = d.get("kind") or (None, None)
     if kind[0] != kind[1]:
@@ -281,4 +317,8 @@ def format_diff(d: Mapping[str, Any], top: int = 10) -> str:
         body += columns([(row["name"], f"{row['max_abs_diff']:.6g}") for row in shown]) if shown else []
     elif d.get("identical_tensors"):
         body.append(f"tensors in both: all {d['identical_tensors']} identical")
+    not_compared = d.get("not_compared") or []
+    if not_compared:
+        body.append(f"tensors in both that cannot be compared ({len(not_compared)})")
+        body += columns([(str(row.get("name")), str(row.get("reason"))) for row in not_compared])
     return "\n".join(lines + (body or ["no differences"]))

@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     from . import tasks
 
     ctx = RunContext.from_hydra()
+    logging.captureWarnings(True)  # the library's warnings reach runner.log and the console, once
     _quiet_console_on_other_ranks()
     nproc = int(cfg.launcher.nproc_per_node)
     if nproc < 1:
@@ -237,6 +238,7 @@ def _worker(container: Dict[str, Any], ctx: RunContext) -> Optional[Dict[str, An
     from . import tasks
 
     _setup_worker_logging(ctx.output_dir, _rank())
+    logging.captureWarnings(True)
     cfg = OmegaConf.create(container)
     _init_process_group()
     try:

@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import shlex
-from typing import Any, Dict, List, Optional
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
@@ -58,13 +60,16 @@ def _shown_path(path: str, launch_dir: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def next_commands(checkpoint: str, launch_dir: str) -> str:
-    """The commands that resume, fine-tune and infer from ``checkpoint``, run from ``launch_dir``."""
+def next_commands(checkpoint: str, launch_dir: str, trust: Sequence[str] = ()) -> str:
+    """The commands that resume, fine-tune and infer from ``checkpoint``, run from ``launch_dir``;
+    ``trust``: the user's own modules the checkpoint names, which those commands must trust."""
     value = _shown_path(checkpoint, launch_dir)
     # Hydra's override grammar and the shell both need quoting for unusual characters.
     if any(c in value for c in " ,=[]{}()'\"\\$:*?"):
         value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     arg = shlex.quote(f"checkpoint.path={value}")
+    if trust:
+        arg += " " + shlex.quote(f"load.trusted_packages=[{','.join(trust)}]")
     return "\n".join([
         f"checkpoint: {checkpoint}",
         "next, from this directory:",
@@ -77,6 +82,28 @@ def next_commands(checkpoint: str, launch_dir: str) -> str:
 
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
+
+
+class OutputDirCheck(HydraCallback):
+    """Before Hydra creates the run (or sweep) directory: one clear line, not a traceback, when it
+    cannot be created or written (a path through a file, a read-only or full file system)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, key: str) -> None:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".runner-write-check-")
+            probe.close()
+        except OSError as exc:
+            print(f"Error: {key}={directory} cannot be used as the output directory: "
+                  f"{exc.strerror or exc} ({exc.filename or directory})", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
 
 class SweepSummary(HydraCallback):

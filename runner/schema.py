@@ -51,6 +51,9 @@ class LoadConf:
     skip_callbacks: bool = False
     skip_sampler_sde: bool = False
     skip_ema: bool = False
+    # Packages, modules or objects a checkpoint may name besides what this config names
+    # (NNHandler.load's trusted_packages), e.g. [mypkg] or [mypkg.data.build].
+    trusted_packages: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nn_handler import NNHandler, rng, specs
-from nn_handler.checkpointing import CheckpointError, diff as diff_checkpoints, inspect as inspect_checkpoint, read_info
+from nn_handler.checkpointing import (CheckpointError, UnsafeCheckpointError, diff as diff_checkpoints,
+                                     inspect as inspect_checkpoint, read_info, resolve_recorded_model)
 from nn_handler.checkpointing.io import safe_load
 from nn_handler.checkpointing.store import CheckpointStore, NoCheckpointFound, find_latest
+from nn_handler.data import bounded_loader_options
 from nn_handler.training import Preempted
 from nn_handler.distributed import env_topology
 
@@ -49,12 +51,29 @@ def user_errors() -> Iterator[None]:
         yield
     except RunnerError:
         raise
+    except UnsafeCheckpointError as exc:
+        refusal = getattr(exc, "refusal", None)
+        if refusal is None:
+            raise RunnerError(f"cannot use the checkpoint: {exc}") from exc
+        raise RunnerError(f"cannot use the checkpoint {exc.path}: {refusal}{_trust_hint(exc)}") from exc
+    except specs.UntrustedTarget as exc:
+        raise RunnerError(f"{exc}{_trust_hint(exc)}") from exc
     except CheckpointError as exc:
         raise RunnerError(f"cannot use the checkpoint: {exc}") from exc
     except specs.SpecError as exc:
         raise RunnerError(str(exc)) from exc
-    except FileNotFoundError as exc:
-        raise RunnerError(str(exc)) from exc
+    except OSError as exc:  # a missing file, a full disk or a permission error during a save: the
+        raise RunnerError(str(exc)) from exc  # library's message names the path and what is intact
+
+
+def _trust_hint(exc: Any) -> str:
+    """How to allow a refused target from the command line, when the user trusts the file."""
+    how = []
+    if getattr(exc, "package", None):
+        how.append(f"add load.trusted_packages=[{exc.package}]")
+    if getattr(exc, "skip_flag", None):
+        how.append(f"add load.{exc.skip_flag}=true to leave it out")
+    return f" (if you trust this file: {', or '.join(how)})" if how else ""
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
@@ -179,7 +198,8 @@ def _full_kwargs(cls: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 class ModelChoice:
     """The model a load-based task builds: the recorded one, or the one the config names."""
 
-    def __init__(self, cfg: DictConfig, info: Dict[str, Any], path_value: Any):
+    def __init__(self, cfg: DictConfig, info: Dict[str, Any], path_value: Any, path: str):
+        self.path, self.trusted = path, _trusted_packages(cfg)
         node = _plain(cfg.model) or {}
         recorded = info.get("model")
         self.recorded = recorded
@@ -197,7 +217,9 @@ class ModelChoice:
             self.kwargs = {**recorded["kwargs"], **node}
             self.configured = bool(node)
             try:
-                self.cls = specs.resolve(self.target, "model", expected=nn.Module, from_file=True)
+                self.cls = resolve_recorded_model(self.target, path, self.trusted)
+            except UnsafeCheckpointError:
+                raise
             except specs.SpecError as exc:
                 raise RunnerError(f"the model recorded in checkpoint.path={path_value} cannot be built here: {exc}; "
                                   f"give the model with model=...") from None
@@ -213,8 +235,10 @@ class ModelChoice:
             out.append(f"class: checkpoint {self.recorded['target']} vs config {self.target}")
         mine = _full_kwargs(self.cls, self.kwargs)
         try:
-            theirs = _full_kwargs(specs.import_object(self.recorded["target"]), self.recorded["kwargs"])
-        except specs.SpecError:
+            # The file's target: imported only under the trust rules (never a plain import).
+            theirs = _full_kwargs(resolve_recorded_model(self.recorded["target"], self.path, self.trusted),
+                                  self.recorded["kwargs"])
+        except (specs.SpecError, CheckpointError):
             theirs = _normalized(self.recorded["kwargs"])
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key, "<unset>") != theirs.get(key, "<unset>"):
@@ -225,7 +249,9 @@ class ModelChoice:
 # ---------------------------------------------------------------------------- handler setup
 def _loader_options(cfg: DictConfig, *, val: bool, recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     data = cfg.data
-    options: Dict[str, Any] = dict(recorded or {})
+    # (recorded options come from a file: only plain values within bounds, e.g. num_workers <= the CPU count)
+    options: Dict[str, Any] = bounded_loader_options(
+        recorded, f"the checkpoint's {'val' if val else 'train'} loader options", log.warning)
     if not recorded:
         options.update(batch_size=64, num_workers=0)
     batch = data.val_batch_size if val and data.val_batch_size is not None else data.batch_size
@@ -246,12 +272,21 @@ def _set_data(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]], *, 
         spec = _plain(cfg.data[name])
         options_recorded = (recorded.get(name) or {}).get("options")
         if spec is None and changed_options and (recorded.get(name) or {}).get("dataset") is not None:
-            spec = recorded[name]["dataset"]  # rebuild the recorded dataset with the new loader options
-            specs.check_target_allowed(str(spec.get(specs.TARGET)), f"the recorded {name} dataset")
+            # Rebuild the recorded dataset with the new loader options: a spec from the file, so
+            # built under the file's trust rules, never through Hydra.
+            spec, from_file = recorded[name]["dataset"], True
+        else:
+            from_file = False
         if spec is None:
             continue
         try:
-            setter(spec, **_loader_options(cfg, val=name == "val", recorded=options_recorded))
+            options = _loader_options(cfg, val=name == "val", recorded=options_recorded)
+            if from_file:
+                h._set_loader(name, spec, options, from_file=True, trusted=_trusted_packages(cfg))
+            else:
+                setter(spec, **options)
+        except specs.UntrustedTarget:
+            raise
         except specs.SpecError as exc:
             raise RunnerError(f"data.{name}: {exc}") from None
         except TypeError as exc:
@@ -331,24 +366,65 @@ def _load_flags(cfg: DictConfig) -> Dict[str, Any]:
                 skip_ema=bool(load.skip_ema), trusted_packages=_trusted_packages(cfg))
 
 
-def _trusted_packages(cfg: DictConfig) -> List[str]:
-    """Packages a checkpoint may name (besides the library's own rules): this runner's and those
-    of every ``_target_`` in the user's own config, which the user vouches for by running it."""
-    found = {"runner"}
+# The runner's own modules whose definitions its presets name (conf/data/digits_images.yaml):
+# trusted by defining module, never the whole ``runner`` package.
+PRESET_MODULES = ("runner.data",)
+_LIBRARY_PACKAGES = ("torch", "nn_handler", "runner")
+
+
+def _config_targets(cfg: DictConfig) -> List[str]:
+    """Every ``_target_`` the config holds (the user's --config-dir groups included) and every metric path."""
+    found: List[str] = []
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            target = node.get("_target_")
+            target = node.get(specs.TARGET)
             if isinstance(target, str) and target:
-                found.add(target.split(".", 1)[0])
+                found.append(target)
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
 
-    walk(OmegaConf.to_container(cfg, resolve=False))
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    walk(tree)
+    found.extend(v for v in (tree.get("metrics") or {}).values() if isinstance(v, str))
+    return found
+
+
+def _defined_as(target: str) -> Optional[Any]:
+    """The object a config's target imports to (the user's own config: importing it is theirs to ask)."""
+    try:
+        return specs.import_object(target)
+    except specs.SpecError:
+        return None
+
+
+def _trusted_packages(cfg: DictConfig) -> List[str]:
+    """What a checkpoint may name besides the library's own lists: exactly the targets this config
+    names (each also under the name it is defined by), the runner's preset modules, and
+    ``load.trusted_packages``."""
+    found = set(PRESET_MODULES) | {str(name) for name in cfg.load.trusted_packages or ()}
+    for target in _config_targets(cfg):
+        found.add(target)
+        path, _ = specs.import_path_of(_defined_as(target)) if _defined_as(target) is not None else (None, None)
+        if path:
+            found.add(path)
     return sorted(found)
+
+
+def trust_to_carry(cfg: DictConfig) -> List[str]:
+    """The modules of the user's own targets (not torch's, nn_handler's or the runner's) and
+    ``load.trusted_packages``: what a later command on this run's checkpoint must trust, since it
+    builds them from the file instead of from this config."""
+    modules = {str(name) for name in cfg.load.trusted_packages or ()}
+    for target in _config_targets(cfg):
+        obj = _defined_as(target)
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and module.split(".", 1)[0] not in _LIBRARY_PACKAGES:
+            modules.add(module)
+    return sorted(modules)
 
 
 def _complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
@@ -519,7 +595,8 @@ def _sample_shape(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]] 
     if dataset is None:
         recorded = (((info or {}).get("data") or {}).get("train") or {}).get("dataset")
         if recorded is not None:
-            dataset = specs.instantiate(recorded, "the checkpoint's train dataset", from_file=True)
+            dataset = specs.instantiate(recorded, "the checkpoint's train dataset", from_file=True,
+                                        trusted=_trusted_packages(cfg))
     if dataset is None:
         raise RunnerError("sample.shape is needed: one sample's shape, e.g. sample.shape=[1,8,8] (the model has no "
                           "`shape` kwarg and no training data is recorded)")
@@ -570,6 +647,9 @@ def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Option
     # (Decided before training, from what every rank sees alike.)
     through_store = bool(every_n_steps or every_n_epochs) or os.path.islink(last) or (
         os.path.isdir(ckpt_dir) and any(f.startswith("ckpt-") for f in os.listdir(ckpt_dir)))
+    for cb in h.callbacks:  # a restored callback's recorded paths (ModelCheckpoint's) stay inside this run
+        if callable(getattr(cb, "confine_paths", None)):
+            cb.confine_paths(ctx.output_dir, fallback=ckpt_dir)
     h.add_callback(EpochProgressBar(epochs, enabled=bool(t.progress_bar)))
     grid = _sample_grid(h, cfg, ctx)
     log.info("%s: %s on %s, world size %d, from epoch %d, %d epoch(s)", cfg.task, type(h.module).__name__,
@@ -613,7 +693,7 @@ def _fit(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Option
         summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                             if isinstance(v, float) and k.startswith(("train_", "val_")))
         log.info("done after epoch %d: %s", h.epoch, summary)
-        print(reporting.next_commands(last, ctx.launch_dir), flush=True)
+        print(reporting.next_commands(last, ctx.launch_dir, trust=trust_to_carry(cfg)), flush=True)
     return record
 
 
@@ -663,7 +743,7 @@ def _handler_checkpoint(cfg: DictConfig, ctx: RunContext, needed: str) -> Tuple[
     info = _info(path, cfg.checkpoint.path)
     if info["kind"] != "handler":
         raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, {needed}")
-    return path, info, ModelChoice(cfg, info, cfg.checkpoint.path)
+    return path, info, ModelChoice(cfg, info, cfg.checkpoint.path, path)
 
 
 def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
@@ -686,7 +766,7 @@ def resume(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
 def finetune(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     path = checkpoint_path(cfg, ctx)
     info = _info(path, cfg.checkpoint.path)
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path)
     check = Drift(cfg, ctx, path, info, choice)
     check.report([], allow=True)
     if cfg.seed is not None:
@@ -724,7 +804,7 @@ def _targets(dataset: Any) -> Optional[torch.Tensor]:
 def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     path = checkpoint_path(cfg, ctx)
     info = _info(path, cfg.checkpoint.path)
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path)
     h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.initialize_from_checkpoint(
         path, choice.cls, model_type=choice.model_type, device=cfg.device, strict_load=bool(cfg.load.strict),
         **choice.kwargs))
@@ -741,27 +821,40 @@ def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
                               "or a checkpoint that records its validation dataset")
         key, spec, from_file = "the checkpoint's val dataset", recorded, True
     try:
-        dataset = specs.instantiate(spec, key, from_file=from_file)
+        dataset = specs.instantiate(spec, key, from_file=from_file, trusted=_trusted_packages(cfg))
+    except specs.UntrustedTarget:
+        raise
     except specs.SpecError as exc:
         raise RunnerError(f"{key}: {exc}") from None
     batch_size = int(cfg.data.val_batch_size or cfg.data.batch_size or 256)
     h.eval()
-    predictions = h.predict(dataset, batch_size=batch_size)
+    try:
+        predictions = h.predict(dataset, batch_size=batch_size)
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
+        raise RunnerError(f"predicting on {key} ({spec.get(specs.TARGET)}) failed: {type(exc).__name__}: {exc}") from exc
     record: Dict[str, Any] = {"task": "infer", "epoch": (info.get("progress") or {}).get("epoch"),
                               "train_loss": None, "val_loss": None, "samples": int(predictions.shape[0])}
     targets = _targets(dataset)
     if targets is not None:
         if ctx.given("loss") or not info.get("loss_fn"):
             loss_cls, loss_kwargs = _component(cfg.loss, "loss")
-        else:
-            loss_cls, loss_kwargs = _import(info["loss_fn"][specs.TARGET], "the checkpoint's loss"), \
-                specs.split(info["loss_fn"])[1]
-        loss_fn = loss_cls(**loss_kwargs) if isinstance(loss_cls, type) else \
-            (lambda out, y: loss_cls(out, y, **loss_kwargs))
-        with torch.no_grad():
-            record["loss"] = float(loss_fn(predictions, targets))
-            for name, target in (_plain(cfg.metrics) or {}).items():
-                record[name] = float(_import(target, f"metrics.{name}")(predictions, targets))
+        else:  # the file's loss: under the file's trust rules (and the model's own module), never a plain import
+            trust = specs.Trust.of(_trusted_packages(cfg))
+            if isinstance(getattr(choice.cls, "__module__", None), str):
+                trust = trust.with_modules(choice.cls.__module__)
+            target, kwargs = specs.split(info["loss_fn"])
+            loss_cls = specs.resolve(target, "the checkpoint's loss_fn", expected=nn.Module, trusted=trust)
+            loss_kwargs = specs.build_from_file(kwargs, "the checkpoint's loss_fn", trust)
+        try:
+            loss_fn = loss_cls(**loss_kwargs) if isinstance(loss_cls, type) else \
+                (lambda out, y: loss_cls(out, y, **loss_kwargs))
+            with torch.no_grad():
+                record["loss"] = float(loss_fn(predictions, targets))
+                for name, target in (_plain(cfg.metrics) or {}).items():
+                    record[name] = float(_import(target, f"metrics.{name}")(predictions, targets))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise RunnerError(f"task=infer: the loss or a metric cannot be computed on the predictions "
+                              f"({type(exc).__name__}: {exc}); give loss=... or metrics=... for this data") from exc
     record.update(world_size=h.world_size, checkpoint_read=path, checkpoint_written=None)
     if h.rank == 0:
         out = os.path.join(ctx.output_dir, PREDICTIONS_FILE)

@@ -16,6 +16,8 @@ from nn_handler import NNHandler
 from nn_handler.callbacks import Callback
 from nn_handler.metrics import accuracy
 from nn_handler.models import MLP
+from nn_handler.sampler import Sampler
+from nn_handler.sde import SDE
 
 IN, OUT = 6, 3
 MODEL_KWARGS: Dict[str, Any] = {"in_features": IN, "out_features": OUT, "hidden": [16], "dropout": 0.2}
@@ -35,6 +37,11 @@ class YourModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class OwnMLP(MLP):
+    """A user's own model, defined in the same module as their callbacks, SDE and sampler: a plain
+    ``NNHandler.load(path)`` trusts what that module defines."""
 
 
 class Wrapper(nn.Module):
@@ -77,7 +84,7 @@ class ScoreNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------- SDE and sampler
-class ToySDE:
+class ToySDE(SDE):
     """A variance-exploding SDE built from plain kwargs, with state that survives save/load."""
 
     T = 1.0
@@ -102,7 +109,7 @@ class ToySDE:
         self.table = state["table"].clone()
 
 
-class ToySampler:
+class ToySampler(Sampler):
     def __init__(self, steps: int = 10, snr: float = 0.1):
         self.steps = steps
         self.snr = snr
@@ -113,6 +120,11 @@ class ToySampler:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.draws = int(state["draws"])
+
+
+# What a file holding this module's callbacks, SDE and sampler must be told to trust (the model
+# is nn_handler's MLP, so its module does not vouch for them).
+TRUST = ["helpers_core"]
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -173,9 +185,9 @@ class StopAfter(Callback):
 
 # ---------------------------------------------------------------------------- builders and comparisons
 def classification_handler(*, dropout: float = 0.2, scheduler: bool = True, val: bool = True,
-                           metric: bool = True, batch_size: int = 16) -> NNHandler:
+                           metric: bool = True, batch_size: int = 16, model: type = MLP) -> NNHandler:
     """A small classification handler with data specs, Adam, StepLR, a metric and dropout."""
-    h = NNHandler(MLP, device="cpu", **{**MODEL_KWARGS, "dropout": dropout})
+    h = NNHandler(model, device="cpu", **{**MODEL_KWARGS, "dropout": dropout})
     h.set_optimizer(torch.optim.Adam, lr=1e-2, weight_decay=1e-4)
     if scheduler:
         h.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.7)
@@ -188,9 +200,9 @@ def classification_handler(*, dropout: float = 0.2, scheduler: bool = True, val:
     return h
 
 
-def full_handler() -> NNHandler:
+def full_handler(model: type = MLP) -> NNHandler:
     """A handler with every component set and trained two epochs with EMA."""
-    h = classification_handler()
+    h = classification_handler(model=model)
     h.add_callback(Counter("first", start=5))
     h.add_callback(EventLog("middle"))
     h.add_callback(Counter("last"))

@@ -11,7 +11,7 @@ import torch
 
 import helpers_core as hc
 import helpers_generative as hg
-from nn_handler import ModelType, NNHandler
+from nn_handler import ModelType, NNHandler, NNHandlerWarning
 from nn_handler.callbacks import Callback, EarlyStopping, LearningRateLogger, ModelCheckpoint, SampleGrid
 from nn_handler.plotting import save_samples_png
 from nn_handler.sde import VPSDE
@@ -276,3 +276,26 @@ def test_every_builtin_callback_round_trips_its_settings_and_state(tmp_path, cls
         assert getattr(loaded[0], name) == value, name
     assert loaded[0].state_dict() == state
     assert quiet_load(tmp_path / "cb.pt", skip_callbacks=True).callbacks == []
+
+
+def test_a_sample_grid_restored_from_a_forged_file_writes_only_inside_the_run(tmp_path):
+    """A file cannot make SampleGrid write a picture outside the directory it was loaded from."""
+    from nn_handler.checkpointing import atomic_save
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    run.mkdir()
+    victim.mkdir()
+    h = _exact_score_handler()
+    h.add_callback(SampleGrid(sample_shape=[2], every_n_epochs=1, n=20, steps=3, dirpath=str(run)))
+    h.save(run / "grid.pt")
+    state = torch.load(run / "grid.pt", weights_only=True)
+    for kwargs in ({"dirpath": str(victim)}, {"dirpath": str(run), "filename": "../victim/x{epoch}.png"},
+                   {"dirpath": str(run), "filename": "{epoch.__class__}.png"}):
+        state["callbacks"][0]["spec"].update(kwargs)
+        atomic_save(state, run / "forged.pt")
+        loaded = NNHandler.load(run / "forged.pt")
+        with pytest.warns(NNHandlerWarning, match="SampleGrid: the recorded"):
+            loaded.train(1, progress_bar=False)
+        assert os.listdir(victim) == []
+        written = loaded.callbacks[0].written[-1]
+        assert os.path.commonpath([os.path.realpath(written), str(run)]) == str(run) and os.path.isfile(written)
+        state["callbacks"][0]["spec"].update(dirpath=str(run), filename="samples_epoch{epoch:03d}.png")

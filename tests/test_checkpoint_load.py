@@ -30,7 +30,7 @@ def full_file(tmp_path_factory):
 def load_quietly(path, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("error", NNHandlerWarning)
-        return NNHandler.load(path, **kwargs)
+        return NNHandler.load(path, trusted_packages=hc.TRUST, **kwargs)
 
 
 def rewrite(path, out, change):
@@ -222,7 +222,7 @@ def test_each_skip_flag_leaves_only_its_component_fresh(full_file, flag):
     path, _ = full_file
     if flag == "skip_optimizer":
         with pytest.warns(NNHandlerWarning, match="scheduler .*not restored because the optimizer was not"):
-            h2 = NNHandler.load(path, skip_optimizer=True)
+            h2 = NNHandler.load(path, trusted_packages=hc.TRUST, skip_optimizer=True)
     else:
         h2 = load_quietly(path, **{flag: True})
     fresh = {name for name, check in FRESH.items() if check(h2)}
@@ -265,7 +265,7 @@ def test_strict_load_raises_a_checkpoint_error_naming_missing_and_unexpected_key
     path, _ = full_file
     bad = rewrite(path, tmp_path / "bad.pt", _drop_and_add_key)
     with pytest.raises(CheckpointError) as info:
-        NNHandler.load(bad, strict_load=True)
+        NNHandler.load(bad, trusted_packages=hc.TRUST, strict_load=True)
     text = str(info.value)
     assert "net.3.bias" in text and "extra.weight" in text and str(bad) in text
 
@@ -274,7 +274,7 @@ def test_non_strict_load_warns_naming_the_keys_and_loads_what_matches(full_file,
     path, h = full_file
     bad = rewrite(path, tmp_path / "bad.pt", _drop_and_add_key)
     with pytest.warns(NNHandlerWarning) as record:
-        h2 = NNHandler.load(bad)  # strict_load=False is the default
+        h2 = NNHandler.load(bad, trusted_packages=hc.TRUST)  # strict_load=False is the default
     text = " ".join(str(w.message) for w in record)
     assert "missing keys ['net.3.bias']" in text and "unexpected keys ['extra.weight']" in text
     assert torch.equal(h2.module.net[0].weight, h.module.net[0].weight)
@@ -321,7 +321,7 @@ def test_prefixed_handler_file_loads_and_saves_back_without_the_prefix(full_file
         state["model_state_dict"] = {prefix + k: v for k, v in state["model_state_dict"].items()}
 
     prefixed = rewrite(path, tmp_path / "prefixed.pt", add_prefix)
-    h2 = NNHandler.load(prefixed, strict_load=True)
+    h2 = NNHandler.load(prefixed, trusted_packages=hc.TRUST, strict_load=True)
     hc.assert_same(h.module.state_dict(), h2.module.state_dict(), "weights")
     h3 = NNHandler.initialize_from_checkpoint(prefixed, MLP, **hc.MODEL_KWARGS)
     hc.assert_same(h.module.state_dict(), h3.module.state_dict(), "weights")
@@ -390,7 +390,7 @@ def test_initialize_from_a_handler_file_loads_only_weights(full_file):
 
 def test_module_functions_take_the_handler_class_first(full_file):
     path, h = full_file
-    h2 = load(NNHandler, path, device="cpu", skip_history=True)
+    h2 = load(NNHandler, path, device="cpu", skip_history=True, trusted_packages=hc.TRUST)
     assert isinstance(h2, NNHandler) and h2.train_losses == [] and type(h2.optimizer) is torch.optim.Adam
     h3 = initialize_from_checkpoint(NNHandler, path, MLP, **hc.MODEL_KWARGS)
     hc.assert_same(h.module.state_dict(), h3.module.state_dict(), "weights")

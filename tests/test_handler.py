@@ -318,7 +318,7 @@ def test_a_callback_class_defined_in_a_test_function_warns_on_save_and_load(tmp_
     with pytest.warns(NNHandlerWarning, match=r"callback\[1\] LocalCallback cannot be recorded.*inside a function"):
         h.save(tmp_path / "cb.pt")
     with pytest.warns(NNHandlerWarning, match=r"LocalCallback was not recorded.*h\.add_callback"):
-        h2 = NNHandler.load(tmp_path / "cb.pt")
+        h2 = NNHandler.load(tmp_path / "cb.pt", trusted_packages=hc.TRUST)
     assert [type(cb).__name__ for cb in h2.callbacks] == ["Counter"]
 
 

@@ -268,24 +268,39 @@ def test_mmap_load_adopts_the_mapped_tensors_without_a_copy(saved):
 
 
 def test_a_file_cannot_make_load_call_functions_outside_the_trusted_ones(tmp_path):
-    """The checksum is no defence (a forger rewrites it): targets read from a file are checked."""
-    from nn_handler import NNHandlerWarning
+    """The checksum is no defence (a forger rewrites it): targets read from a file are checked,
+    and a refused one stops the load with an error naming the file, the slot and the target."""
+    from nn_handler.checkpointing import UnsafeCheckpointError
     marker = tmp_path / "pwned"
     h = _trained_handler()
-    state = h.state_dict()
     payload = {"_target_": "torch.utils.collect_env.run", "command": f"touch {marker}"}
-    state["sde"] = {"spec": payload}
-    state["data"]["train"]["dataset"] = payload
+    for slot in ("sde", "dataset"):
+        state = h.state_dict()
+        if slot == "sde":
+            state["sde"] = {"spec": payload}
+        else:
+            state["data"]["train"]["dataset"] = payload
+        forged = tmp_path / f"forged-{slot}.pt"
+        ckpt_io.atomic_save(state, forged)
+        with pytest.raises(UnsafeCheckpointError) as caught:
+            NNHandler.load(forged)
+        assert not marker.exists()
+        text = str(caught.value)
+        assert str(forged) in text and "'torch.utils.collect_env.run'" in text
+        assert caught.value.target == "torch.utils.collect_env.run" and slot in caught.value.slot
+
+
+def test_a_file_gets_no_string_interpolation(tmp_path):
+    from nn_handler import NNHandlerWarning
+    h = _trained_handler()
+    state = h.state_dict()
     state["data"]["val"] = {"dataset": {"_target_": "nn_handler.datasets.synthetic_classification",
-                                        "n": "${oc.env:HOME}"}, "options": {}}  # no interpolation either
+                                        "n": "${oc.env:HOME}"}, "options": {}}
     forged = tmp_path / "forged.pt"
     ckpt_io.atomic_save(state, forged)
-    with pytest.warns(NNHandlerWarning) as record:
+    with pytest.warns(NNHandlerWarning, match="val dataset"):
         loaded = NNHandler.load(forged)
-    assert not marker.exists()
-    text = " ".join(str(w.message) for w in record)
-    assert "not building 'torch.utils.collect_env.run'" in text and "trusted_packages" in text
-    assert loaded.sde is None and loaded.train_loader is None
+    assert loaded.val_loader is None and loaded.train_loader is not None
     assert _same_state(loaded, h)  # the rest of the file still loads
 
 
@@ -295,6 +310,7 @@ def test_trusted_packages_let_a_file_name_the_users_own_functions(tmp_path):
     state["data"]["train"]["dataset"] = {"_target_": "safety_helpers.tiny_dataset", "n": 8}
     path = tmp_path / "mine.pt"
     ckpt_io.atomic_save(state, path)
-    with pytest.warns(Warning, match="'safety_helpers' is not a trusted package"):
-        assert NNHandler.load(path).train_loader is None
+    from nn_handler.checkpointing import UnsafeCheckpointError
+    with pytest.raises(UnsafeCheckpointError, match=r"trusted_packages=\['safety_helpers'\]"):
+        NNHandler.load(path)
     assert len(NNHandler.load(path, trusted_packages=["safety_helpers"]).train_loader.dataset) == 8

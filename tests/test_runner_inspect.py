@@ -52,7 +52,7 @@ def base(tmp_path_factory):
     torch.save(model.state_dict(), base / "bare.pt")
     torch.save({"model_state_dict": model.state_dict(), "epoch": 7, "optimizer": "sgd"}, base / "foreign.pt")
     data = bytearray((base / "runs" / "train" / CKPT).read_bytes())
-    data[len(data) // 2] ^= 0x10
+    data[_middle_of_largest_tensor(base / "runs" / "train" / CKPT)] ^= 0x10  # damage the weights, not the layout
     (base / "damaged.pth").write_bytes(bytes(data))
     return base
 
@@ -141,6 +141,18 @@ def test_inspect_of_a_bare_state_dict_and_of_a_file_from_another_tool(base, cli)
     # the text of the bare file, from the same report
     bare = lines_of(format_inspect(inspect(base / "bare.pt")))
     assert bare[2] == "kind: model weights only (a bare state_dict)" and "parameters: 58" in bare
+
+
+def _middle_of_largest_tensor(path) -> int:
+    """The offset of the middle byte of the largest tensor record in a torch zip."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
 
 
 def test_inspect_of_a_damaged_file_reports_the_damage_instead_of_crashing(base, cli):

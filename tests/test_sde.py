@@ -8,7 +8,7 @@ import torch
 
 from nn_handler import ModelType, NNHandler
 from nn_handler.sde import SDE, SubVPSDE, VESDE, VPSDE
-from nn_handler.training import denoising_score_matching
+from nn_handler.losses import denoising_score_matching
 
 import helpers_generative as hg
 

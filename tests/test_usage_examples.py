@@ -13,8 +13,10 @@ from nn_handler import NNHandler
 
 
 def _trained_handler_file(tmp_path):
-    """A handler with every component, trained two epochs, saved where the seed's example keeps it."""
-    h = hc.full_handler()
+    """A handler with every component, trained two epochs, saved where the seed's example keeps it.
+
+    The model, callbacks, SDE and sampler are the user's own, from one module (helpers_core)."""
+    h = hc.full_handler(model=hc.OwnMLP)
     path = tmp_path / "models" / "my_model_checkpoint.pth"
     h.save(path)
     return path, h

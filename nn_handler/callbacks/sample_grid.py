@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import os
+import string
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from .base import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
+
+
+def _plain_filename(name: Any) -> bool:
+    """A file name with no directory part whose only format field is ``{epoch}`` (with a spec)."""
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name or ".." in name or "\0" in name:
+        return False
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(name) if f is not None]
+    except ValueError:
+        return False
+    return all(f == "epoch" for f in fields)
 
 
 class SampleGrid(Callback):
@@ -41,6 +53,36 @@ class SampleGrid(Callback):
         self.value_range = None if value_range is None else [float(v) for v in value_range]
         self.nrow = nrow
         self.written: List[str] = []
+        self._root: Optional[str] = None  # set by confine_paths when restored from a file
+        self._recorded: Optional[Dict[str, str]] = None
+
+    def confine_paths(self, root: Any, fallback: Any = None) -> None:
+        """Honour the recorded ``dirpath``/``filename`` only inside ``root`` (``NNHandler.load``
+        passes the checkpoint's directory, the runner the run's output directory): before the
+        next write, a ``dirpath`` outside it (links resolved) becomes ``root/samples``, a
+        ``filename`` with a path separator, ``..`` or a format field other than ``{epoch...}``
+        the default, with one warning naming what was dropped. ``root=None`` lifts it.
+        ``fallback`` is accepted for the same call as ModelCheckpoint's and not used."""
+        self._root = None if root is None else os.path.abspath(os.fspath(root))
+        self._recorded = None if root is None else {"dirpath": self.dirpath, "filename": self.filename}
+
+    def _settle(self, handler: "NNHandler") -> None:
+        if self._root is None or self._recorded is None:
+            return
+        recorded, self._recorded = self._recorded, None
+        dropped = []
+        if self.dirpath == recorded["dirpath"]:
+            where = os.path.realpath(self.dirpath) if isinstance(self.dirpath, str) else None
+            root = os.path.realpath(self._root)
+            if where is None or os.path.commonpath([where, root]) != root:
+                dropped.append(f"dirpath {self.dirpath!r}")
+                self.dirpath = self._init_kwargs["dirpath"] = os.path.join(self._root, "samples")
+        if self.filename == recorded["filename"] and not _plain_filename(self.filename):
+            dropped.append(f"filename {self.filename!r}")
+            self.filename = self._init_kwargs["filename"] = "samples_epoch{epoch:03d}.png"
+        if dropped:
+            handler._warn(f"SampleGrid: the recorded {' and '.join(dropped)} would write outside {self._root}; "
+                          f"writing to {os.path.join(self.dirpath, self.filename)} instead")
 
     def on_epoch_end(self, handler: "NNHandler", epoch: int, logs: Dict[str, float]) -> None:
         if handler.epoch % self.every_n_epochs == 0:
@@ -49,6 +91,7 @@ class SampleGrid(Callback):
     def write(self, handler: "NNHandler") -> str:
         """Draw the samples and write the PNG now; returns its path."""
         from ..plotting import save_samples_png
+        self._settle(handler)
         samples = handler.sample([self.n, *self.sample_shape], self.steps, corrector_steps=self.corrector_steps,
                                  seed=self.seed, progress_bar=False)
         path = os.path.join(self.dirpath, self.filename.format(epoch=handler.epoch))

@@ -23,7 +23,7 @@ from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
 from .copyload import read_copied
 from .fastload import build_module_from_weights
-from .state import canonical_state_dict, dump, load_model_weights, rank_state, restore
+from .state import canonical_state_dict, dump, load_model_weights, rank_state, resolve_recorded_model, restore
 from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
 from ..handler import prebuilt_module
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint", "inspect", "diff", "file_checksum",
-    "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
+    "resolve_recorded_model", "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -176,46 +176,79 @@ def read_info(path: PathLike) -> Dict[str, Any]:
     ``scheduler``, ``loss_fn`` (specs or None), ``data`` ({"train"/"val": {"dataset", "options"}}),
     ``progress`` ({"epoch", "global_step"}), ``train_settings``, ``history`` (last values),
     ``callbacks`` (targets), ``ema`` (decay or None), ``unrecorded``, ``parameters`` (count).
+
+    The file is verified first (a damaged one raises CorruptCheckpointError). Every field
+    passed on has the type documented here: a record of another type (a forged file can hold
+    anything at any key) raises IncompatibleCheckpointError naming the file and the field.
+    Only CheckpointError subclasses are raised for anything the file holds.
     """
+    from .inspect import _verified  # read_checkpoint, with a broken header under a valid trailer told as damage
+
     path_str = os.fspath(path)
-    obj = read_checkpoint(path, map_location="cpu", mmap=True)
-    weights = obj.get(_format.MODEL_STATE) if isinstance(obj, dict) else None
-    if not _format.is_handler_state(obj):
-        if isinstance(obj, dict) and (_format._looks_like_state_dict(obj) or isinstance(weights, dict)):
+    obj = _verified(path_str)
+    try:
+        return _info_of(obj, path_str)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a shape of record that the checks below did not foresee: still the file's fault
+        raise IncompatibleCheckpointError(path_str, f"cannot read its records ({type(exc).__name__}: "
+                                                    f"{str(exc)[:200]})") from None
+
+
+def _info_of(obj: Any, path_str: str) -> Dict[str, Any]:
+    """``read_info``'s dict from the loaded ``obj``: every field it passes on checked for its type."""
+    F = _format
+    weights = obj.get(F.MODEL_STATE) if isinstance(obj, dict) else None
+    if not F.is_handler_state(obj):
+        if isinstance(obj, dict) and (F._looks_like_state_dict(obj) or isinstance(weights, dict)):
             weights = weights if isinstance(weights, dict) else obj
             return {"kind": "weights", "model": None,
                     "parameters": sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor))}
-        _format.check_and_migrate(obj, path_str)  # raises the right error
-    state = _format.check_and_migrate(obj, path_str)
-    model_spec = state[_format.MODEL].get("spec")
+        F.check_and_migrate(obj, path_str)  # raises the right error
+    state = F.check_and_migrate(obj, path_str)
+    model_entry = F.mapping(state.get(F.MODEL), F.MODEL, path_str, optional=False)
+    model_spec = F.spec(model_entry.get("spec"), "model.spec", path_str)
     model = None
     if model_spec is not None:
         target, kwargs = specs_split(model_spec)
-        model = {"target": target, "kwargs": kwargs, "model_type": state[_format.MODEL].get("model_type")}
+        model = {"target": target, "kwargs": kwargs,
+                 "model_type": F.text(model_entry.get("model_type"), "model.model_type", path_str)}
 
-    def spec_of(key: str) -> Optional[Dict[str, Any]]:
-        entry = state.get(key)
-        return dict(entry["spec"]) if entry else None
-
-    history = state.get(_format.HISTORY) or {}
+    data: Dict[str, Any] = {}
+    for name, entry in F.mapping(state.get(F.DATA), F.DATA, path_str).items():
+        field = f"{F.DATA}.{name}"
+        entry = F.mapping(entry, field, path_str, optional=False)
+        options = F.mapping(entry.get("options"), f"{field}.options", path_str)
+        if any(not isinstance(k, str) for k in options):
+            raise F.malformed(path_str, f"{field}.options", options, "loader options with string keys")
+        data[str(name)] = {**entry, "dataset": F.spec(entry.get("dataset"), f"{field}.dataset", path_str),
+                           "options": options}
+    progress = F.mapping(state.get(F.PROGRESS), F.PROGRESS, path_str)
+    for key in ("epoch", "global_step"):
+        F.count(progress.get(key), f"{F.PROGRESS}.{key}", path_str)
+    history = F.mapping(state.get(F.HISTORY), F.HISTORY, path_str)
+    callbacks = [F.entry_spec(entry, f"{F.CALLBACKS}[{i}]", path_str)
+                 for i, entry in enumerate(F.sequence(state.get(F.CALLBACKS), F.CALLBACKS, path_str))]
+    ema = F.mapping(state.get(F.EMA), F.EMA, path_str)
+    weights = F.mapping(state.get(F.MODEL_STATE), F.MODEL_STATE, path_str, optional=False)
     return {
         "kind": "handler",
-        "format_version": state[_format.VERSION],
-        "versions": dict(state.get(_format.VERSIONS) or {}),
-        "created": state.get(_format.CREATED),
-        "world_size": state.get(_format.WORLD_SIZE),
+        "format_version": state[F.VERSION],
+        "versions": F.mapping(state.get(F.VERSIONS), F.VERSIONS, path_str),
+        "created": F.text(state.get(F.CREATED), F.CREATED, path_str),
+        "world_size": F.count(state.get(F.WORLD_SIZE), F.WORLD_SIZE, path_str),
         "model": model,
-        "optimizer": spec_of(_format.OPTIMIZER),
-        "scheduler": spec_of(_format.SCHEDULER),
-        "loss_fn": spec_of(_format.LOSS),
-        "data": dict(state.get(_format.DATA) or {}),
-        "progress": {k: v for k, v in (state.get(_format.PROGRESS) or {}).items() if k != "data_seed"},
-        "train_settings": dict(state.get(_format.SETTINGS) or {}),
+        "optimizer": F.entry_spec(state.get(F.OPTIMIZER), F.OPTIMIZER, path_str),
+        "scheduler": F.entry_spec(state.get(F.SCHEDULER), F.SCHEDULER, path_str),
+        "loss_fn": F.entry_spec(state.get(F.LOSS), F.LOSS, path_str),
+        "data": data,
+        "progress": {k: v for k, v in progress.items() if k != "data_seed"},
+        "train_settings": F.mapping(state.get(F.SETTINGS), F.SETTINGS, path_str),
         "history": {k: (v[-1] if v else None) for k, v in history.items() if isinstance(v, list)},
-        "callbacks": [entry["spec"]["_target_"] for entry in state.get(_format.CALLBACKS) or []],
-        "ema": (state.get(_format.EMA) or {}).get("decay"),
-        "unrecorded": dict(state.get(_format.UNRECORDED) or {}),
-        "parameters": sum(v.numel() for v in state[_format.MODEL_STATE].values() if isinstance(v, torch.Tensor)),
+        "callbacks": [spec["_target_"] for spec in callbacks if spec is not None],
+        "ema": F.number(ema.get("decay"), f"{F.EMA}.decay", path_str),
+        "unrecorded": F.mapping(state.get(F.UNRECORDED), F.UNRECORDED, path_str),
+        "parameters": sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)),
     }
 
 
@@ -273,7 +306,8 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
     """A new handler whose model has only the weights from ``checkpoint_path``.
 
     The file is a bare state_dict or a dict with ``model_state_dict`` (a handler file);
-    optimizer, scheduler, history and the rest are not loaded.
+    optimizer, scheduler, history and the rest are not loaded. A handler file of a newer format
+    version than this library reads is refused, as ``load`` refuses it (IncompatibleCheckpointError).
     """
     info = distributed.setup(None)
     target = distributed.resolve_device(device, info)
@@ -281,6 +315,8 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
     obj = _read(checkpoint_path, target, info)  # raises on every rank if the file fails on any
     weights, error = None, None
     try:
+        if _format.is_handler_state(obj):  # a handler file: its format version must be one this library reads
+            obj = _format.check_and_migrate(obj, path_str)
         if isinstance(obj, dict) and isinstance(obj.get(_format.MODEL_STATE), dict):
             weights = obj[_format.MODEL_STATE]
         elif isinstance(obj, dict) and _format._looks_like_state_dict(obj):
@@ -288,6 +324,9 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
         else:
             raise NotACheckpointError(path_str, "no model weights found: expected a state_dict or a dict with "
                                                 f"'{_format.MODEL_STATE}'")
+        odd = [k for k in weights if not isinstance(k, str)]
+        if odd:
+            raise _format.malformed(path_str, _format.MODEL_STATE, odd[0], "a state_dict with string keys")
     except Exception as exc:
         error = exc
     distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
@@ -298,7 +337,13 @@ def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, m
             handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type),
                                     **model_kwargs)
         if module is None:
-            load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
+            try:
+                load_model_weights(handler.module, weights, strict_load, path_str, handler._warn)
+            except (CheckpointError, Warning):  # (a warning the caller made an error)
+                raise
+            except Exception as exc:  # the file's weights, not the caller's model, are at fault here
+                raise IncompatibleCheckpointError(path_str, f"the model weights do not fit the model "
+                                                            f"({type(exc).__name__}: {str(exc)[:300]})") from exc
     except Exception as exc:
         error = exc
     distributed.agree(error, info, f"loading weights from {path_str}", path_str)

@@ -33,7 +33,7 @@ import torch
 
 from . import io as _io
 from .errors import CorruptCheckpointError
-from .fastload import map_tensors, materialize
+from .fastload import map_tensors, materialize, tensors_in
 
 _BLOCK = 1 << 20  # one preadv + hash step: small enough to stay in cache between the two
 _PREADV = hasattr(os, "preadv")  # (not on Windows: there every load takes the plain route)
@@ -130,8 +130,7 @@ def read_copied(obj: Any, path: str, trailer: Optional["_io.Trailer"], crc_indic
     with open(path, "rb") as f:
         if f.read(4) != _io._ZIP_MAGIC:  # a legacy file: torch.load read it into ordinary memory already
             return obj, (_io.chunk_crcs(path, trailer, wanted) if wanted else {})
-    tensors: List[torch.Tensor] = []
-    map_tensors(tensors.append, obj)
+    tensors = tensors_in(obj)  # (a sparse tensor's indices and values: each has its own record)
     size = os.path.getsize(path)
     try:
         offsets = _record_offsets(path)

@@ -16,7 +16,8 @@ fastest, for files nothing rewrites in place.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional
 
 import ctypes
 import mmap as _mmap
@@ -96,14 +97,61 @@ def _release(tensor: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+_COMPRESSED = {torch.sparse_csr: ("crow_indices", "col_indices"), torch.sparse_csc: ("ccol_indices", "row_indices"),
+               torch.sparse_bsr: ("crow_indices", "col_indices"), torch.sparse_bsc: ("ccol_indices", "row_indices")}
+
+
+def _sparse_parts(tensor: torch.Tensor) -> Optional[list]:
+    """The strided tensors a sparse tensor is made of (indices and values), or None if not sparse."""
+    if tensor.layout == torch.sparse_coo:
+        return [tensor._indices(), tensor._values()]
+    if tensor.layout in _COMPRESSED:
+        compressed, plain = _COMPRESSED[tensor.layout]
+        return [getattr(tensor, compressed)(), getattr(tensor, plain)(), tensor.values()]
+    return None
+
+
+def _rebuilt_sparse(tensor: torch.Tensor, parts: list) -> torch.Tensor:
+    """A sparse tensor like ``tensor`` made of ``parts`` (as ``_sparse_parts`` lists them)."""
+    if tensor.layout == torch.sparse_coo:
+        out = torch.sparse_coo_tensor(parts[0], parts[1], tensor.size(), is_coalesced=tensor.is_coalesced(),
+                                      check_invariants=False)
+    else:
+        out = torch.sparse_compressed_tensor(parts[0], parts[1], parts[2], tensor.size(), layout=tensor.layout,
+                                             check_invariants=False)
+    return out.requires_grad_(tensor.requires_grad)
+
+
+def tensors_in(obj: Any) -> List[torch.Tensor]:
+    """Every strided tensor in ``obj``'s nested dicts, lists and tuples (a sparse tensor's parts included)."""
+    found: List[torch.Tensor] = []
+    map_tensors(lambda t: found.append(t) or t, obj)
+    return found
+
+
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in its nested dicts, lists and tuples."""
+    """``obj`` with ``fn`` applied to every tensor in its nested dicts, lists and tuples.
+
+    A sparse tensor (COO, CSR, CSC, BSR, BSC) is rebuilt from ``fn`` applied to its strided
+    parts (indices and values), so ``fn`` only ever sees strided tensors. An ``OrderedDict``
+    stays one (with a state_dict's ``_metadata``); a ``torch.Size`` holds no tensors and is kept.
+    """
     if isinstance(obj, torch.Tensor):
+        parts = _sparse_parts(obj) if obj.layout != torch.strided else None
+        if parts is not None:
+            return _rebuilt_sparse(obj, [fn(part) for part in parts])
         return fn(obj)
+    if isinstance(obj, OrderedDict):
+        out = OrderedDict((k, map_tensors(fn, v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, dict):
         return {k: map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [map_tensors(fn, v) for v in obj]
+    if isinstance(obj, torch.Size):
+        return obj
     if isinstance(obj, tuple):
         return tuple(map_tensors(fn, v) for v in obj)
     return obj

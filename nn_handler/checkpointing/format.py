@@ -1,7 +1,7 @@
 """The checkpoint format: top-level keys, version, migrations, and how a file is recognised."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .errors import IncompatibleCheckpointError, NotACheckpointError
 
@@ -51,8 +51,8 @@ def check_and_migrate(obj: Any, path: str) -> Dict[str, Any]:
         raise NotACheckpointError(path, f"not an nn_handler checkpoint (a {type(obj).__name__} without "
                                         f"'{FORMAT}': '{FORMAT_NAME}')")
     version = obj[VERSION]
-    if not isinstance(version, int) or version < 1:
-        raise IncompatibleCheckpointError(path, f"invalid format version {version!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise IncompatibleCheckpointError(path, f"invalid format version {short(version)}")
     if version > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
             path, f"format version {version} was written by a newer nn_handler (this one reads up to "
@@ -67,3 +67,92 @@ def check_and_migrate(obj: Any, path: str) -> Dict[str, Any]:
 def _looks_like_state_dict(obj: Dict[Any, Any]) -> bool:
     import torch
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+# ---------------------------------------------------------------------------- typed reading
+# Everything read from a file is hostile: a forged file can carry any plain value at any key
+# with a valid checksum. The readers that pass records on (``read_info``, ``find_latest``) take
+# each field through one of these, which raise IncompatibleCheckpointError naming the file and
+# the field instead of letting a wrongly typed value surface later as a raw TypeError.
+MAX_COUNT = 2 ** 63  # progress counters are int64 everywhere else
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``value`` as a short phrase for an error message: its type and the start of its repr."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 (a repr of hostile data may fail)
+        text = "?"
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{text} (a {type(value).__name__})"
+
+
+def malformed(path: str, field: str, value: Any, expected: str) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(path, f"malformed record {field}: {short(value)} where {expected} "
+                                             f"was expected")
+
+
+def mapping(value: Any, field: str, path: str, optional: bool = True) -> Dict[Any, Any]:
+    """``value`` as a dict (None -> {} when ``optional``)."""
+    if value is None and optional:
+        return {}
+    if not isinstance(value, Mapping):
+        raise malformed(path, field, value, "a mapping")
+    return dict(value)
+
+
+def sequence(value: Any, field: str, path: str, optional: bool = True) -> List[Any]:
+    """``value`` as a list (None -> [] when ``optional``)."""
+    if value is None and optional:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise malformed(path, field, value, "a list")
+    return list(value)
+
+
+def count(value: Any, field: str, path: str, optional: bool = True) -> Optional[int]:
+    """A non-negative int64 (epochs, steps, world sizes), or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not is_count(value):
+        raise malformed(path, field, value, "a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+
+
+def text(value: Any, field: str, path: str, optional: bool = True) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise malformed(path, field, value, "a string")
+    return value
+
+
+def number(value: Any, field: str, path: str, optional: bool = True) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise malformed(path, field, value, "a number")
+    return value
+
+
+def spec(value: Any, field: str, path: str, optional: bool = True) -> Optional[Dict[str, Any]]:
+    """A ``{"_target_": "dotted.path", **kwargs}`` spec with string keys, or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping) or not isinstance(value.get("_target_"), str):
+        raise malformed(path, field, value, "a spec (a mapping with a string '_target_')")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise malformed(path, f"{field} (key {short(bad[0])})", value, "a spec with string keys")
+    return dict(value)
+
+
+def entry_spec(value: Any, field: str, path: str) -> Optional[Dict[str, Any]]:
+    """The spec of a component entry ``{"spec": ..., "state": ...}`` (None: not recorded)."""
+    if value is None:
+        return None
+    return spec(mapping(value, field, path).get("spec"), f"{field}.spec", path)

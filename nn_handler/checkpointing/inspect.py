@@ -3,32 +3,165 @@
 ``inspect(path)`` reads the file memory-mapped (tensor data is not read, only the
 checksum pass touches every byte) and reports: integrity, versions, model, a table of
 tensors, optimizer, scheduler, progress, history, callbacks, EMA, SDE, sampler, data,
-lineage and the run config. A damaged file is reported, not raised.
-``diff(a, b)`` compares two such reports and the tensors present in both.
+lineage and the run config. It never raises: a damaged file is reported (``integrity``),
+and so is every record of a wrong type (``problems``: a file can be forged with a valid
+checksum and any plain value at any key), next to what could be read.
+
+``diff(a, b)`` reads both files through the verified reader (``read_checkpoint``): a damaged
+file is refused with CorruptCheckpointError naming it, never compared (a flipped bit would
+otherwise show as a weight change). It then compares the two reports and the tensors present
+in both.
 """
 from __future__ import annotations
 
 import math
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .. import specs
 from . import format as F
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 from .io import PathLike, file_checksum, safe_load, verify
 
 _MAX_TENSOR_ROWS = 40  # above this, the table is summarised by module prefix
+# Bounds on what a report repeats of a file's plain records (a report is for reading).
+_MAX_ITEMS = 10_000  # entries shown per list or dict
+_MAX_DEPTH = 32  # nesting levels shown
+_MAX_TEXT = 10_000  # characters shown per string
+_MAX_PROBLEMS = 50
+_COMPARE_CHUNK = 1 << 22  # elements compared at a time by diff (bounds its extra memory)
 
 
-def _tensor_rows(weights: Mapping[str, Any]) -> List[Dict[str, Any]]:
+# ---------------------------------------------------------------------------- plain, JSON-friendly values
+def _tensor_text(value: torch.Tensor) -> Any:
+    """A one-element tensor as its number, any other as ``tensor[shape] dtype``."""
+    try:
+        if value.layout == torch.strided and value.numel() == 1 and not value.is_meta:
+            return _plain(value.item())
+        layout = "" if value.layout == torch.strided else f" {str(value.layout).replace('torch.', '')}"
+        return f"tensor{list(value.shape)} {str(value.dtype).replace('torch.', '')}{layout}"
+    except Exception:  # noqa: BLE001 (a tensor of a kind that cannot be described)
+        return "tensor"
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, torch.Tensor):
+        return str(_tensor_text(key))
+    try:
+        return str(key)[:_MAX_TEXT]
+    except Exception:  # noqa: BLE001
+        return f"<{type(key).__name__}>"
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """JSON-friendly: string keys, tensors as short descriptions, floats as floats (NaN as None), bounded."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_TEXT else value[:_MAX_TEXT] + f"... ({len(value)} characters)"
+    if isinstance(value, torch.Tensor):
+        return _tensor_text(value)
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)) and depth >= _MAX_DEPTH:
+        return f"<nested deeper than {_MAX_DEPTH} levels>"
+    if isinstance(value, Mapping):
+        out: Dict[str, Any] = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i == _MAX_ITEMS:
+                out["..."] = f"{len(value) - _MAX_ITEMS} more entries"
+                break
+            out[_key(k)] = _plain(v, depth + 1)
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        shown = [_plain(v, depth + 1) for v in items[:_MAX_ITEMS]]
+        return shown + ([f"... {len(items) - _MAX_ITEMS} more"] if len(items) > _MAX_ITEMS else [])
+    if isinstance(value, complex):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+def _kind(value: Any) -> str:
+    return F.short(value, limit=40)
+
+
+class _Reader:
+    """Typed access to a hostile record: a wrongly typed field reads as empty and is noted in ``problems``."""
+
+    def __init__(self) -> None:
+        self.problems: List[str] = []
+        self.more = 0
+
+    def note(self, field: str, text: str) -> None:
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(f"{field}: {text}")
+        else:
+            self.more += 1
+
+    def mapping(self, value: Any, field: str) -> Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.note(field, f"{_kind(value)}, not a mapping")
+            return {}
+        return value
+
+    def sequence(self, value: Any, field: str) -> List[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            self.note(field, f"{_kind(value)}, not a list")
+            return []
+        return list(value)
+
+    def spec(self, spec: Any, field: str) -> Optional[Dict[str, Any]]:
+        """``{"target", "kwargs"}`` of a ``{"_target_": ...}`` spec; None (noted unless absent) otherwise."""
+        if spec is None:
+            return None
+        if not isinstance(spec, Mapping) or not isinstance(spec.get(specs.TARGET), str):
+            self.note(field, f"{_kind(spec)}, not a spec (a mapping with a string {specs.TARGET!r})")
+            return None
+        return {"target": _plain(spec[specs.TARGET]),
+                "kwargs": _plain({k: v for k, v in spec.items() if k != specs.TARGET})}
+
+    def entry(self, entry: Any, field: str) -> Tuple[Optional[Dict[str, Any]], Mapping]:
+        """A component entry ``{"spec": ..., "state": ...}``: (its spec view, the entry)."""
+        entry = self.mapping(entry, field)
+        return self.spec(entry.get("spec"), f"{field}.spec"), entry
+
+    def guarded(self, field: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        """``fn()``; a record shaped in a way not foreseen above is noted, never raised."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            self.note(field, f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
+            return default
+
+    def all_problems(self) -> List[str]:
+        return self.problems + ([f"... and {self.more} more"] if self.more else [])
+
+
+# ---------------------------------------------------------------------------- the report
+def _tensor_rows(weights: Mapping[Any, Any]) -> List[Dict[str, Any]]:
     rows = []
     for name, value in weights.items():
         if isinstance(value, torch.Tensor):
-            rows.append({"name": name, "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                         "numel": value.numel(), "bytes": value.numel() * value.element_size()})
+            try:
+                rows.append({"name": _key(name), "shape": [int(d) for d in value.shape],
+                             "dtype": str(value.dtype).replace("torch.", ""),
+                             "numel": int(value.numel()), "bytes": int(value.numel() * value.element_size())})
+            except Exception:  # noqa: BLE001 (a tensor of a kind that cannot be described)
+                rows.append({"name": _key(name), "shape": [], "dtype": "?", "numel": 0, "bytes": 0})
     return rows
 
 
@@ -47,51 +180,180 @@ def _group_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return list(groups.values())
 
 
-def _spec_view(entry: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
-    if not entry or entry.get("spec") is None:
-        return None
-    target, kwargs = specs.split(entry["spec"])
-    return {"target": target, "kwargs": kwargs}
+def _table(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    if len(rows) <= _MAX_TENSOR_ROWS:
+        return {"tensors": rows, "tensor_groups": None, "tensor_count": len(rows)}
+    return {"tensors": None, "tensor_groups": _group_rows(rows), "tensor_count": len(rows)}
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly: tensors become short descriptions, floats stay floats (NaN as None)."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else f"tensor{list(value.shape)} {str(value.dtype).replace('torch.', '')}"
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return value
-
-
-def _optimizer_view(entry: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
-    view = _spec_view(entry)
+def _optimizer_view(r: _Reader, entry: Any) -> Optional[Dict[str, Any]]:
+    view, entry = r.entry(entry, F.OPTIMIZER)
     if view is None:
         return None
-    groups = (entry.get("state") or {}).get("param_groups") or []
-    view["param_groups"] = [_plain({k: v for k, v in g.items() if k != "params"} | {"num_params": len(g.get("params", []))})
-                            for g in groups]
-    view["state_entries"] = len((entry.get("state") or {}).get("state") or {})
+    state = r.mapping(entry.get("state"), "optimizer.state")
+    groups = []
+    for i, group in enumerate(r.sequence(state.get("param_groups"), "optimizer.state.param_groups")):
+        field = f"optimizer.state.param_groups[{i}]"
+        if not isinstance(group, Mapping):
+            r.note(field, f"{_kind(group)}, not a mapping")
+            continue
+        params = group.get("params")
+        if not isinstance(params, (list, tuple)):
+            r.note(f"{field}.params", f"{_kind(params)}, not a list")
+        groups.append({**_plain({k: v for k, v in group.items() if k != "params"}),
+                       "num_params": len(params) if isinstance(params, (list, tuple)) else None})
+    view["param_groups"] = groups
+    view["state_entries"] = len(r.mapping(state.get("state"), "optimizer.state.state"))
     return view
 
 
-def _scheduler_view(entry: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
-    view = _spec_view(entry)
+def _scheduler_view(r: _Reader, entry: Any) -> Optional[Dict[str, Any]]:
+    view, entry = r.entry(entry, F.SCHEDULER)
     if view is None:
         return None
-    state = entry.get("state") or {}
-    view["state"] = _plain({k: v for k, v in state.items()
-                            if isinstance(v, (int, float, str, bool, list)) and not k.startswith("_") or k == "_last_lr"})
+    state = r.mapping(entry.get("state"), "scheduler.state")
+    view["state"] = _plain({k: v for k, v in state.items() if isinstance(k, str) and (
+        isinstance(v, (int, float, str, bool, list)) and not k.startswith("_") or k == "_last_lr")})
     return view
+
+
+def _progress_view(r: _Reader, progress: Any) -> Dict[str, Any]:
+    progress = r.mapping(progress, F.PROGRESS)
+    for key in ("epoch", "global_step"):
+        if key in progress and not F.is_count(progress[key]):
+            r.note(f"progress.{key}", f"{_kind(progress[key])}, not a whole number from 0 to 2**63 - 1")
+    return {_key(k): _plain(v) for k, v in progress.items() if k != "data_seed"}
+
+
+def _history_view(r: _Reader, history: Any) -> Dict[str, Any]:
+    history = r.mapping(history, F.HISTORY)
+    last_metrics: Dict[str, Any] = {}
+    for side in ("train", "val"):
+        for name, values in r.mapping(history.get(f"{side}_metrics"), f"history.{side}_metrics").items():
+            last_metrics[f"{side}_{_key(name)}"] = _plain(values[-1]) if isinstance(values, list) and values else None
+    return {"epochs": len(r.sequence(history.get("train_losses"), "history.train_losses")),
+            "last": {_key(k): (_plain(v[-1]) if v else None) for k, v in history.items() if isinstance(v, list)},
+            "last_metrics": last_metrics}
+
+
+def _callbacks_view(r: _Reader, callbacks: Any) -> List[Dict[str, Any]]:
+    out = []
+    for i, entry in enumerate(r.sequence(callbacks, F.CALLBACKS)):
+        view, entry = r.entry(entry, f"callbacks[{i}]")
+        out.append({**(view or {"target": None, "kwargs": None}), "state": _plain(entry.get("state"))})
+    return out
+
+
+def _ema_view(r: _Reader, ema: Any) -> Optional[Dict[str, Any]]:
+    if ema is None:
+        return None
+    if not isinstance(ema, Mapping):
+        r.note(F.EMA, f"{_kind(ema)}, not a mapping")
+        return None
+    return {"decay": _plain(ema.get("decay")), "num_updates": _plain(ema.get("num_updates"))}
+
+
+def _metrics_view(r: _Reader, metrics: Any) -> Dict[str, Any]:
+    out = {}
+    for name, spec in r.mapping(metrics, F.METRICS).items():
+        view = r.spec(spec, f"metrics.{_key(name)}")
+        out[_key(name)] = None if view is None else view["target"]
+    return out
+
+
+def _handler_view(state: Mapping[Any, Any]) -> Dict[str, Any]:
+    """The report's fields of a handler checkpoint: each field read for its type, never raising."""
+    r = _Reader()
+    g = r.guarded
+    weights = g(F.MODEL_STATE, lambda: r.mapping(state.get(F.MODEL_STATE), F.MODEL_STATE), {})
+    rows = g(F.MODEL_STATE, lambda: _tensor_rows(weights), [])
+    model = g(F.MODEL, lambda: r.mapping(state.get(F.MODEL), F.MODEL), {})
+    metadata = g(F.METADATA, lambda: r.mapping(state.get(F.METADATA), F.METADATA), {})
+    report = {
+        "kind": "handler",
+        "format_version": _plain(state.get(F.VERSION)),
+        "versions": g(F.VERSIONS, lambda: _plain(r.mapping(state.get(F.VERSIONS), F.VERSIONS)), {}),
+        "created": _plain(state.get(F.CREATED)),
+        "world_size": _plain(state.get(F.WORLD_SIZE)),
+        "model": g(F.MODEL, lambda: {**(r.spec(model.get("spec"), "model.spec") or {"target": None, "kwargs": None}),
+                                     "model_type": _plain(model.get("model_type"))},
+                   {"target": None, "kwargs": None, "model_type": None}),
+        "parameters": sum(row["numel"] for row in rows),
+        "tensor_bytes": sum(row["bytes"] for row in rows),
+        **_table(rows),
+        "optimizer": g(F.OPTIMIZER, lambda: _optimizer_view(r, state.get(F.OPTIMIZER))),
+        "scheduler": g(F.SCHEDULER, lambda: _scheduler_view(r, state.get(F.SCHEDULER))),
+        "loss_fn": g(F.LOSS, lambda: r.entry(state.get(F.LOSS), F.LOSS)[0]),
+        "metrics": g(F.METRICS, lambda: _metrics_view(r, state.get(F.METRICS)), {}),
+        "progress": g(F.PROGRESS, lambda: _progress_view(r, state.get(F.PROGRESS)), {}),
+        "train_settings": g(F.SETTINGS, lambda: _plain(r.mapping(state.get(F.SETTINGS), F.SETTINGS)), {}),
+        "history": g(F.HISTORY, lambda: _history_view(r, state.get(F.HISTORY)),
+                     {"epochs": 0, "last": {}, "last_metrics": {}}),
+        "callbacks": g(F.CALLBACKS, lambda: _callbacks_view(r, state.get(F.CALLBACKS)), []),
+        "ema": g(F.EMA, lambda: _ema_view(r, state.get(F.EMA))),
+        "sde": g(F.SDE, lambda: r.entry(state.get(F.SDE), F.SDE)[0]),
+        "sampler": g(F.SAMPLER, lambda: r.entry(state.get(F.SAMPLER), F.SAMPLER)[0]),
+        "data": g(F.DATA, lambda: _plain(r.mapping(state.get(F.DATA), F.DATA)), {}),
+        "unrecorded": g(F.UNRECORDED, lambda: _plain(r.mapping(state.get(F.UNRECORDED), F.UNRECORDED)), {}),
+        "lineage": _plain(metadata.get("lineage")),
+        "run_config": _plain(metadata.get("run_config")),
+        "metadata_keys": sorted(_key(k) for k in metadata),
+    }
+    report["problems"] = r.all_problems()
+    return report
+
+
+def _contents(obj: Any) -> Dict[str, Any]:
+    """The report's fields for a loaded file: a handler checkpoint, bare weights, or neither."""
+    if F.is_handler_state(obj):
+        return _handler_view(obj)
+    weights = obj.get(F.MODEL_STATE) if isinstance(obj, dict) and isinstance(obj.get(F.MODEL_STATE), dict) else obj
+    if isinstance(weights, dict) and any(isinstance(v, torch.Tensor) for v in weights.values()):
+        rows = _tensor_rows(weights)
+        if not isinstance(obj, dict):
+            other: List[str] = []
+        elif weights is obj:
+            other = sorted(_key(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        else:
+            other = sorted(_key(k) for k in obj if k != F.MODEL_STATE)
+        return {"kind": "weights", "parameters": sum(r["numel"] for r in rows),
+                "tensor_bytes": sum(r["bytes"] for r in rows), **_table(rows), "other_keys": other}
+    return {"kind": "unknown", "error": f"not a checkpoint with model weights (a {type(obj).__name__})"}
+
+
+def _has_trailer(path: str) -> bool:
+    """Whether the file ends with this library's checksum record (only ``atomic_save`` writes one)."""
+    try:
+        return file_checksum(path) is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _integrity(path: str) -> Dict[str, Any]:
+    integrity: Dict[str, Any] = {}
+    try:
+        verification = verify(path)
+        integrity["verified"] = verification.checksum
+        integrity["checksum"] = file_checksum(path) if verification.checksum else None
+        if not verification.checksum:
+            integrity["reason"] = "the file carries no checksum (not written by nn_handler)"
+    except NotACheckpointError as exc:
+        if _has_trailer(path):  # its header is broken but its end says atomic_save wrote it: damage
+            integrity.update(verified=False, damaged=True,
+                             reason=f"{exc.message}, although it carries an nn_handler checksum record: damaged")
+        else:
+            integrity.update(verified=False, damaged=True, reason=str(exc))
+    except CheckpointError as exc:
+        integrity.update(verified=False, damaged=True, reason=str(exc))
+    return integrity
 
 
 def inspect(path: PathLike) -> Dict[str, Any]:
-    """A report of what ``path`` records, as plain JSON-friendly data. Never raises for a damaged file."""
+    """A report of what ``path`` records, as plain JSON-friendly data. Never raises for a damaged file.
+
+    ``integrity`` says whether the checksum holds; ``error`` why the contents cannot be read at
+    all; ``problems`` (handler files) lists each record of a wrong type, shown as empty.
+    """
     path_str = os.fspath(path)
     report: Dict[str, Any] = {"path": path_str}
     try:
@@ -99,78 +361,21 @@ def inspect(path: PathLike) -> Dict[str, Any]:
     except OSError as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         return report
-    integrity: Dict[str, Any] = {}
     try:
-        verification = verify(path_str)
-        integrity["verified"] = verification.checksum
-        integrity["checksum"] = file_checksum(path_str) if verification.checksum else None
-        if not verification.checksum:
-            integrity["reason"] = "the file carries no checksum (not written by nn_handler)"
-    except CheckpointError as exc:
-        integrity.update(verified=False, damaged=True, reason=str(exc))
-    report["integrity"] = integrity
-    try:
-        obj = safe_load(path_str, map_location="cpu", mmap=True)
-    except CheckpointError as exc:
-        report["error"] = str(exc)
-        return report
-    if not F.is_handler_state(obj):
-        weights = obj.get(F.MODEL_STATE) if isinstance(obj, dict) and isinstance(obj.get(F.MODEL_STATE), dict) else obj
-        if isinstance(weights, dict) and any(isinstance(v, torch.Tensor) for v in weights.values()):
-            rows = _tensor_rows(weights)
-            report.update(kind="weights", parameters=sum(r["numel"] for r in rows),
-                          tensor_bytes=sum(r["bytes"] for r in rows), **_table(rows),
-                          other_keys=sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-                          if isinstance(obj, dict) and weights is obj else
-                          sorted(str(k) for k in obj if k != F.MODEL_STATE) if isinstance(obj, dict) else [])
-        else:
-            report.update(kind="unknown", error=f"not a checkpoint with model weights (a {type(obj).__name__})")
-        return report
-    if integrity.get("verified") is False and not integrity.get("damaged"):
-        integrity.update(damaged=True, reason="an nn_handler checkpoint whose checksum record is missing or damaged")
-    state = obj
-    rows = _tensor_rows(state.get(F.MODEL_STATE) or {})
-    model = state.get(F.MODEL) or {}
-    history = state.get(F.HISTORY) or {}
-    ema = state.get(F.EMA)
-    report.update({
-        "kind": "handler",
-        "format_version": state.get(F.VERSION),
-        "versions": dict(state.get(F.VERSIONS) or {}),
-        "created": state.get(F.CREATED),
-        "world_size": state.get(F.WORLD_SIZE),
-        "model": {**(_spec_view(model) or {"target": None, "kwargs": None}), "model_type": model.get("model_type")},
-        "parameters": sum(r["numel"] for r in rows),
-        "tensor_bytes": sum(r["bytes"] for r in rows),
-        **_table(rows),
-        "optimizer": _optimizer_view(state.get(F.OPTIMIZER)),
-        "scheduler": _scheduler_view(state.get(F.SCHEDULER)),
-        "loss_fn": _spec_view(state.get(F.LOSS)),
-        "metrics": {name: (spec or {}).get(specs.TARGET) for name, spec in (state.get(F.METRICS) or {}).items()},
-        "progress": {k: v for k, v in (state.get(F.PROGRESS) or {}).items() if k != "data_seed"},
-        "train_settings": dict(state.get(F.SETTINGS) or {}),
-        "history": {"epochs": len(history.get("train_losses") or []),
-                    "last": _plain({k: (v[-1] if v else None) for k, v in history.items() if isinstance(v, list)}),
-                    "last_metrics": _plain({f"{side}_{name}": (vals[-1] if vals else None)
-                                            for side in ("train", "val")
-                                            for name, vals in (history.get(f"{side}_metrics") or {}).items()})},
-        "callbacks": [{**_spec_view(entry), "state": _plain(entry.get("state"))} for entry in state.get(F.CALLBACKS) or []],
-        "ema": None if ema is None else {"decay": ema.get("decay"), "num_updates": ema.get("num_updates")},
-        "sde": _spec_view(state.get(F.SDE)),
-        "sampler": _spec_view(state.get(F.SAMPLER)),
-        "data": _plain(state.get(F.DATA) or {}),
-        "unrecorded": dict(state.get(F.UNRECORDED) or {}),
-        "lineage": _plain((state.get(F.METADATA) or {}).get("lineage")),
-        "run_config": _plain((state.get(F.METADATA) or {}).get("run_config")),
-        "metadata_keys": sorted((state.get(F.METADATA) or {}).keys()),
-    })
+        integrity = _integrity(path_str)
+        report["integrity"] = integrity
+        try:
+            obj = safe_load(path_str, map_location="cpu", mmap=True)
+        except CheckpointError as exc:
+            report["error"] = str(exc)
+            return report
+        report.update(_contents(obj))
+        if report["kind"] == "handler" and integrity.get("verified") is False and not integrity.get("damaged"):
+            integrity.update(damaged=True, reason="an nn_handler checkpoint whose checksum record is missing or "
+                                                  "damaged")
+    except Exception as exc:  # noqa: BLE001 (the promise: a report, never a raw error)
+        report["error"] = f"cannot inspect {path_str}: {type(exc).__name__}: {str(exc)[:300]}"
     return report
-
-
-def _table(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    if len(rows) <= _MAX_TENSOR_ROWS:
-        return {"tensors": rows, "tensor_groups": None, "tensor_count": len(rows)}
-    return {"tensors": None, "tensor_groups": _group_rows(rows), "tensor_count": len(rows)}
 
 
 # ---------------------------------------------------------------------------- diff
@@ -191,22 +396,74 @@ def _changes(a: Any, b: Any) -> Dict[str, Tuple[Any, Any]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def _weights(path: str) -> Dict[str, torch.Tensor]:
-    obj = safe_load(path, map_location="cpu", mmap=True)
+def _verified(path: str) -> Any:
+    """The contents of ``path`` through the verified reader: a damaged file raises CorruptCheckpointError."""
+    from . import read_checkpoint  # (the package imports this module)
+
+    try:
+        return read_checkpoint(path, map_location="cpu", mmap=True)
+    except NotACheckpointError as exc:
+        if _has_trailer(path):  # its header is broken but atomic_save wrote it: damage, not another format
+            raise CorruptCheckpointError(path, f"{exc.message}, although it carries an nn_handler checksum "
+                                               f"record: the file is damaged") from None
+        raise
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (what the reader did not foresee is still about this file)
+        raise CheckpointError(path, f"cannot read it ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _weights(obj: Any) -> Dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get(F.MODEL_STATE), dict):
         obj = obj[F.MODEL_STATE]
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    return {_key(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+
+
+def _max_abs_diff(ta: torch.Tensor, tb: torch.Tensor) -> float:
+    """The largest absolute difference, compared a chunk at a time (NaN in both places counts as equal)."""
+    if ta.layout != torch.strided or tb.layout != torch.strided:
+        ta, tb = ta.to_dense(), tb.to_dense()
+    fa, fb = ta.reshape(-1), tb.reshape(-1)
+    if ta.is_complex():
+        wide = torch.complex128
+    elif ta.is_floating_point():
+        wide = torch.float64
+    else:
+        wide = torch.int64
+    largest = 0.0
+    for start in range(0, fa.numel(), _COMPARE_CHUNK):
+        x, y = fa[start:start + _COMPARE_CHUNK].to(wide), fb[start:start + _COMPARE_CHUNK].to(wide)
+        delta = (x - y).abs()
+        if wide != torch.int64:
+            both = torch.isnan(x) & torch.isnan(y)
+            delta = torch.where(both, torch.zeros_like(delta), torch.nan_to_num(delta, nan=math.inf))
+        largest = max(largest, float(delta.max().item()))
+    return largest
+
+
+def _report_of(path: str, obj: Any) -> Dict[str, Any]:
+    checksum = file_checksum(path) if _has_trailer(path) else None
+    report: Dict[str, Any] = {"path": path, "integrity": {"verified": checksum is not None, "checksum": checksum}}
+    report.update(_contents(obj))
+    return report
 
 
 def diff(a: PathLike, b: PathLike) -> Dict[str, Any]:
-    """What differs between checkpoints ``a`` and ``b``: config, model, keys, shapes, hyperparameters, progress, values."""
-    ra, rb = inspect(a), inspect(b)
+    """What differs between checkpoints ``a`` and ``b``: config, model, keys, shapes, hyperparameters, progress, values.
+
+    Both files are read through the verified reader: a damaged one raises CorruptCheckpointError
+    naming it; a file that holds no model weights raises NotACheckpointError.
+    """
+    pa, pb = os.fspath(a), os.fspath(b)
+    oa = _verified(pa)
+    ob = _verified(pb)
+    ra, rb = _report_of(pa, oa), _report_of(pb, ob)
     for report in (ra, rb):
         if report.get("error"):
-            raise CheckpointError(report["path"], f"cannot compare: {report['error']}")
-    wa, wb = _weights(os.fspath(a)), _weights(os.fspath(b))
+            raise NotACheckpointError(report["path"], f"cannot compare: {report['error']}")
+    wa, wb = _weights(oa), _weights(ob)
     only_a, only_b = sorted(set(wa) - set(wb)), sorted(set(wb) - set(wa))
-    shape_changes, value_changes = [], []
+    shape_changes, value_changes, not_compared = [], [], []
     for key in sorted(set(wa) & set(wb)):
         ta, tb = wa[key], wb[key]
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
@@ -214,16 +471,14 @@ def diff(a: PathLike, b: PathLike) -> Dict[str, Any]:
             continue
         if ta.numel() == 0:
             continue
-        if ta.is_floating_point() or ta.is_complex():
-            delta = (ta.double() - tb.double()).abs().max().item()
-        else:
-            delta = float((ta.long() - tb.long()).abs().max().item())
+        try:
+            delta = _max_abs_diff(ta, tb)
+        except Exception as exc:  # noqa: BLE001 (a tensor kind that cannot be subtracted)
+            not_compared.append({"name": key, "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
         if delta != 0:
             value_changes.append({"name": key, "max_abs_diff": delta})
     value_changes.sort(key=lambda row: -row["max_abs_diff"])
-
-    def pick(report: Dict[str, Any], key: str) -> Any:
-        return report.get(key)
 
     def hyper(report: Dict[str, Any]) -> Dict[str, Any]:
         opt = report.get("optimizer") or {}
@@ -232,18 +487,20 @@ def diff(a: PathLike, b: PathLike) -> Dict[str, Any]:
                 "scheduler": report.get("scheduler"), "loss_fn": report.get("loss_fn"),
                 "train_settings": report.get("train_settings")}
 
+    model_a, model_b = ra.get("model") or {}, rb.get("model") or {}
     return {
-        "a": ra["path"], "b": rb["path"],
+        "a": pa, "b": pb,
         "kind": (ra.get("kind"), rb.get("kind")),
-        "model_target": None if (ra.get("model") or {}).get("target") == (rb.get("model") or {}).get("target")
-        else ((ra.get("model") or {}).get("target"), (rb.get("model") or {}).get("target")),
-        "model_kwargs": _changes((ra.get("model") or {}).get("kwargs"), (rb.get("model") or {}).get("kwargs")),
-        "config": _changes(pick(ra, "run_config"), pick(rb, "run_config")),
-        "hyperparameters": _changes(_plain(hyper(ra)), _plain(hyper(rb))),
-        "progress": _changes(pick(ra, "progress"), pick(rb, "progress")),
-        "data": _changes(pick(ra, "data"), pick(rb, "data")),
+        "model_target": None if model_a.get("target") == model_b.get("target")
+        else (model_a.get("target"), model_b.get("target")),
+        "model_kwargs": _changes(model_a.get("kwargs"), model_b.get("kwargs")),
+        "config": _changes(ra.get("run_config"), rb.get("run_config")),
+        "hyperparameters": _changes(hyper(ra), hyper(rb)),
+        "progress": _changes(ra.get("progress"), rb.get("progress")),
+        "data": _changes(ra.get("data"), rb.get("data")),
         "only_in_a": only_a, "only_in_b": only_b,
         "shape_or_dtype": shape_changes,
         "values": value_changes,
-        "identical_tensors": len(set(wa) & set(wb)) - len(shape_changes) - len(value_changes),
+        "not_compared": not_compared,
+        "identical_tensors": len(set(wa) & set(wb)) - len(shape_changes) - len(value_changes) - len(not_compared),
     }

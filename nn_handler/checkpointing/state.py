@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
@@ -10,12 +11,13 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .. import __version__, rng, specs
 from ..callbacks.base import Callback
+from ..data import bounded_loader_options
 from ..ema import EMA
 from ..enums import coerce_model_type
 from ..handler import prebuilt_module
 from ..training import TrainSettings
 from . import format as F
-from .errors import IncompatibleCheckpointError
+from .errors import IncompatibleCheckpointError, UnsafeCheckpointError
 from .fastload import build_module_from_weights
 from .store import lineage_for
 
@@ -210,34 +212,79 @@ def _sde_or_sampler_base(key: str) -> type:
     from ..sampler import Sampler
     return Sampler
 
-def _build(entry: Dict[str, Any], what: str, expected: Any = None,
-           trusted: Tuple[str, ...] = ()) -> Tuple[Any, Dict[str, Any]]:
+def _build(entry: Dict[str, Any], what: str, expected: Any = None, trusted: Any = (),
+           functions: bool = False) -> Tuple[Any, Dict[str, Any]]:
     """The class (or function) a recorded component names, checked against what a file may name."""
     target, kwargs = specs.split(entry["spec"])
-    return specs.resolve(target, what, expected=expected, trusted=trusted), kwargs
+    return specs.resolve(target, what, expected=expected, functions=functions, trusted=trusted), kwargs
+
+
+def unsafe(path: str, exc: "specs.UntrustedTarget", skip_flag: Optional[str] = None) -> UnsafeCheckpointError:
+    """The refusal of a target a file names, with how to allow it when the user trusts the file."""
+    how = []
+    if exc.package:
+        how.append(f"pass trusted_packages=[{exc.package!r}] to NNHandler.load")
+    if skip_flag:
+        how.append(f"pass {skip_flag}=True to leave it out")
+    hint = f" (if you trust this file: {', or '.join(how)})" if how else ""
+    error = UnsafeCheckpointError(path, f"{exc}{hint}")
+    error.target, error.slot, error.package, error.skip_flag = exc.target, exc.slot, exc.package, skip_flag
+    error.refusal = str(exc)
+    return error
+
+
+def resolve_recorded_model(target: str, path: str, trusted_packages: Any = ()) -> Any:
+    """The model class (or trusted factory) a checkpoint at ``path`` records as ``target``, under
+    ``load``'s trust rules; ``UnsafeCheckpointError`` when they refuse it. Nothing is built."""
+    return _model_class({"spec": {specs.TARGET: target}}, os.fspath(path), specs.Trust.of(trusted_packages))[0]
+
+
+def _model_class(entry: Dict[str, Any], path: str, trust: "specs.Trust") -> Tuple[Any, Dict[str, Any]]:
+    """The recorded model class (or a factory the caller trusts), checked before anything is built."""
+    target, kwargs = specs.split(entry["spec"])
+    try:
+        found = specs.resolve(target, "model", expected=nn.Module, functions=True, trusted=trust)
+        if not isinstance(found, type) and not trust.vouches_for(found):
+            # A factory is called before it can be checked: only one the caller names.
+            raise specs.UntrustedTarget(f"model: refusing target {target!r}: a function as the model is built "
+                                        f"only when the caller trusts it", target, "model",
+                                        None if target.split(".", 1)[0] in ("torch", "nn_handler") else target.split(".", 1)[0])
+        return found, kwargs
+    except specs.UntrustedTarget as exc:
+        own = specs.model_module_trust(target, os.path.dirname(os.path.abspath(path)))
+        if not own:
+            raise unsafe(path, exc) from None
+        # The model's own (installed or already imported) module: its nn.Module classes only.
+        try:
+            return specs.resolve(target, "model", expected=nn.Module, functions=False,
+                                 trusted=trust.with_modules(*own)), kwargs
+        except specs.UntrustedTarget as again:
+            raise unsafe(path, again) from None
 
 
 def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, strict_load: bool,
             skip_optimizer: bool, skip_scheduler: bool, skip_history: bool, skip_callbacks: bool,
             skip_sampler_sde: bool, skip_ema: bool, model_class: Any = None,
             model_kwargs: Optional[Dict[str, Any]] = None, model_type: Any = None,
-            trusted_packages: Tuple[str, ...] = ()) -> "NNHandler":
+            trusted_packages: Any = ()) -> "NNHandler":
     """A handler built from ``state`` (already verified and migrated).
 
     ``model_class`` (with ``model_kwargs``) builds that model instead of the recorded one,
     e.g. a new head for transfer learning; the weights then load under ``strict_load``.
-    ``trusted_packages`` (plus the model's own top-level package) may be named by the
-    file's other components (see ``specs.resolve``).
+    What the file's components may name: see ``specs`` (the library's lists, what
+    ``trusted_packages`` names, and the model class's own module). A target outside that is
+    refused before anything is imported or called: ``UnsafeCheckpointError``.
     """
     unrecorded: Dict[str, str] = dict(state.get(F.UNRECORDED) or {})
     model_entry = state[F.MODEL]
+    trust = specs.Trust.of(trusted_packages)
     if model_class is None:
         if model_entry.get("spec") is None:
             raise IncompatibleCheckpointError(
                 path, f"the model class was not recorded in this checkpoint "
                       f"({unrecorded.get('model', 'unknown reason')}): load its weights with {HOW_TO_SET['model']}")
         try:
-            model_class, recorded_kwargs = _build(model_entry, "model", expected=nn.Module)
+            model_class, recorded_kwargs = _model_class(model_entry, path, trust)
         except specs.SpecError as exc:
             raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
         model_kwargs = recorded_kwargs if model_kwargs is None else model_kwargs
@@ -249,42 +296,50 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     if module is None:
         load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
     skipped = set()
-    model_package = getattr(model_class, "__module__", "").split(".", 1)[0]
-    trusted = tuple(trusted_packages) + ((model_package,) if model_package else ())
+    # The model class's own module (the caller's, or the recorded one that resolved) is trusted
+    # for the other slots too: what is defined in that module, not what it imports.
+    own_module = getattr(model_class, "__module__", None)
+    trusted = trust.with_modules(own_module) if isinstance(own_module, str) else trust
 
-    def attempt(component: str, fn) -> None:
-        """Restore one component; a failure is told (naming it and the file), never swallowed silently."""
+    def attempt(component: str, fn, skip_flag: Optional[str] = None) -> None:
+        """Restore one component; a refused target raises, another failure is told (naming it and
+        the file), never swallowed silently."""
         try:
             fn()
-        except Exception as exc:  # an untrusted target, a renamed argument, a state that does not fit
+        except specs.UntrustedTarget as exc:
+            raise unsafe(path, exc, skip_flag) from None
+        except Exception as exc:  # a renamed argument, a module missing here, a state that does not fit
             reason = str(exc) if isinstance(exc, specs.SpecError) else f"{type(exc).__name__}: {exc}"
             h._not_restored[component] = reason
             h._warn(f"{component} from {path} was not restored: {reason}; set it again with {how_to_set(component)}")
 
     if state.get(F.LOSS):
         def set_loss():
-            fn, kwargs = _build(state[F.LOSS], "loss_fn", nn.Module, trusted)
+            fn, kwargs = _build(state[F.LOSS], "loss_fn", nn.Module, trusted, functions=True)
             h.set_loss_fn(fn, **kwargs)
         attempt("loss_fn", set_loss)
     for name, spec in (state.get(F.METRICS) or {}).items():
         if spec is not None:
             attempt(f"metric:{name}", lambda name=name, spec=spec: h.add_metric(name, specs.resolve(
-                specs.split(spec)[0], f"metric {name!r}", trusted=trusted)))
+                specs.split(spec)[0], f"metric {name!r}", expected=nn.Module, trusted=trusted)))
 
     for name, record in (state.get(F.DATA) or {}).items():
         slot = h._data.get(name)
         if slot is None:
             continue
+        options = bounded_loader_options(record.get("options"), f"the {name} loader in {path}", h._warn)
         if record.get("dataset") is not None:
             try:
-                h._set_loader(name, record["dataset"], dict(record.get("options") or {}), from_file=True,
+                h._set_loader(name, record["dataset"], dict(options), from_file=True,
                               trusted=trusted)
                 continue
+            except specs.UntrustedTarget as exc:
+                raise unsafe(path, exc) from None
             except Exception as exc:  # a dataset that cannot be rebuilt here must not block inference
                 h._not_restored[f"data.{name}"] = str(exc)
                 h._warn(f"the {name} dataset recorded in {path} could not be rebuilt ({exc}); "
                         f"set it again with {how_to_set('data.' + name)}")
-        slot.options = dict(record.get("options") or {})
+        slot.options = dict(options)
         slot.missing_dataset = True
 
     if skip_optimizer:
@@ -303,7 +358,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                 h._grad_scaler_for(True)
                 if h._grad_scaler is not None:
                     h._grad_scaler.load_state_dict(state[F.GRAD_SCALER])
-        attempt("optimizer", set_optimizer)
+        attempt("optimizer", set_optimizer, "skip_optimizer")
 
     if skip_scheduler:
         skipped.add("scheduler")
@@ -318,7 +373,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                 cls, kwargs = _build(state[F.SCHEDULER], "scheduler", _SCHEDULERS, trusted)
                 h.set_scheduler(cls, **kwargs)
                 h.scheduler.load_state_dict(state[F.SCHEDULER]["state"])
-            attempt("scheduler", set_scheduler)
+            attempt("scheduler", set_scheduler, "skip_scheduler")
 
     if not skip_history and h._dist.is_main:
         h._history.load_state_dict(state.get(F.HISTORY) or {})
@@ -330,9 +385,11 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
             def add_callback(entry=entry):
                 cls, kwargs = _build(entry, "callback", Callback, trusted)
                 cb = cls(**kwargs)
+                if callable(getattr(cb, "confine_paths", None)):  # its recorded paths stay inside the file's directory
+                    cb.confine_paths(os.path.dirname(os.path.abspath(path)))
                 cb.load_state_dict(entry.get("state") or {})
                 h.add_callback(cb)
-            attempt(f"callback[{index}]", add_callback)
+            attempt(f"callback[{index}]", add_callback, "skip_callbacks")
 
     if skip_sampler_sde:
         skipped.update({"sde", "sampler"})
@@ -346,7 +403,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                     live = h.sde if key == F.SDE else h.sampler
                     if "state" in entry and hasattr(live, "load_state_dict"):
                         live.load_state_dict(entry["state"])
-                attempt(key, set_component)
+                attempt(key, set_component, "skip_sampler_sde")
 
     settings = TrainSettings.from_dict(state.get(F.SETTINGS) or {})
     if skip_ema:

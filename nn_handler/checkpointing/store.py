@@ -12,12 +12,14 @@ import logging
 import math
 import os
 import re
+import socket
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import CheckpointError
-from .io import safe_load, verify
+from .format import is_count, short
+from .io import read_trailer, safe_load, verify
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -37,24 +39,43 @@ def checkpoint_name(epoch: int, global_step: int, tag: str = "") -> str:
     return f"ckpt-e{epoch:04d}-s{global_step:09d}{'-' + tag if tag else ''}.pth"
 
 
-def _progress(path: Path) -> Optional[Tuple[int, int, int]]:
-    """``(global_step, epoch, step_in_epoch)`` recorded in ``path`` (only its small records are read), or None."""
+def _progress(path: Path) -> Tuple[Optional[Tuple[int, int, int]], str]:
+    """``((global_step, epoch, step_in_epoch), "")`` recorded in ``path`` (only its small records are read),
+    or ``(None, why it cannot be ranked)``. Never raises: the file may hold anything."""
     try:
         state = safe_load(path, map_location="cpu", mmap=True)
-    except Exception:
-        return None
+    except CheckpointError as exc:
+        return None, exc.message
+    except Exception as exc:  # noqa: BLE001 (e.g. the file went away meanwhile)
+        return None, f"{type(exc).__name__}: {exc}"
     if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
-        return None
+        return None, "it records no training progress (not an nn_handler checkpoint)"
     progress = state["progress"]
-    position = progress.get("position") or {}
-    return int(progress.get("global_step", 0)), int(progress.get("epoch", 0)), int(position.get("step_in_epoch", 0))
+    position = progress.get("position")
+    if position is None:
+        position = {}
+    if not isinstance(position, dict):
+        return None, f"its progress.position is {short(position)}, not a mapping"
+    values = []
+    for field, record in (("global_step", progress), ("epoch", progress), ("step_in_epoch", position)):
+        value = record.get(field, 0)
+        if not is_count(value):
+            where = "progress.position" if record is position else "progress"
+            return None, f"its {where}.{field} is {short(value)}, not a whole number from 0 to 2**63 - 1"
+        values.append(value)
+    return (values[0], values[1], values[2]), ""
 
 
 def _candidates(directory: Path) -> Iterable[Path]:
-    for root, _, files in os.walk(directory):
-        for name in files:
+    """Checkpoint-like files under ``directory`` (recursively; hidden files, temporaries and links left out)."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
             path = Path(root) / name
-            if name.startswith(".") or not name.endswith(_SUFFIXES) or path.is_symlink():
+            try:
+                if name.startswith(".") or not name.endswith(_SUFFIXES) or path.is_symlink() or not path.is_file():
+                    continue
+            except OSError:
                 continue
             yield path
 
@@ -62,27 +83,40 @@ def _candidates(directory: Path) -> Iterable[Path]:
 def find_latest(directory: PathLike) -> Path:
     """The newest complete, verified checkpoint under ``directory`` (searched recursively).
 
-    Ordered by training progress recorded in the files, not by file times. Damaged or
-    partial files are skipped with a warning naming them.
+    Ordered by training progress recorded in the files, not by file times. The files it cannot
+    use (damaged, partial, without a checksum, another tool's file, a progress record that is
+    not whole numbers) are skipped, all named in one warning; NoCheckpointFound when none is left.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise NotADirectoryError(f"not a directory: {directory}")
     ranked: List[Tuple[Tuple[int, int, int], str, Path]] = []
+    skipped: List[str] = []
     for path in _candidates(directory):
-        progress = _progress(path)
+        progress, why = _progress(path)
         if progress is None:
-            warnings.warn(f"skipping {path}: not a readable nn_handler checkpoint", stacklevel=2)
+            skipped.append(f"{path}: not a usable nn_handler checkpoint ({why})")
             continue
         ranked.append((progress, path.name, path))
-    for _, _, path in sorted(ranked, reverse=True):
+    found = None
+    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
             if verify(path).checksum:
-                return path
-            warnings.warn(f"skipping {path}: it carries no checksum", stacklevel=2)
+                found = path
+                break
+            skipped.append(f"{path}: it carries no checksum")
         except CheckpointError as exc:
-            warnings.warn(f"skipping damaged checkpoint {path}: {exc}", stacklevel=2)
-    raise NoCheckpointFound(f"no complete, verified checkpoint found under {directory}")
+            skipped.append(f"damaged checkpoint {path}: {exc.message}")
+        except OSError as exc:  # gone or unreadable since it was listed
+            skipped.append(f"{path}: {exc}")
+    if skipped:
+        message = (f"skipping {skipped[0]}" if len(skipped) == 1 else
+                   f"skipping {len(skipped)} files under {directory} that are not usable checkpoints: "
+                   + "; ".join(skipped))
+        warnings.warn(message, stacklevel=2)
+    if found is None:
+        raise NoCheckpointFound(f"no complete, verified checkpoint found under {directory}")
+    return found
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
@@ -91,8 +125,53 @@ def resolve_checkpoint(path: PathLike) -> Path:
     return find_latest(path) if path.is_dir() else path
 
 
+# ``last.pth``'s temporary link: ``.last.pth.<host>.<pid>.tmp`` (earlier versions: ``.last.pth.<pid>.tmp``).
+_LINK_TMP = re.compile(r"^\." + re.escape(LAST) + r"\.(?:(?P<host>[^/\\]+)\.)?(?P<pid>\d+)\.tmp$")
+
+
+def _sweep_link_temporaries(directory: Path) -> List[Path]:
+    """Remove ``last.pth`` temporaries that a killed link update on this host left in ``directory``.
+
+    Like the save temporaries (``io._clean_stale_temporaries``): only names of that pattern,
+    only links or plain files, only when their writer (the pid in the name) is gone.
+    """
+    host, swept = socket.gethostname(), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return swept
+    for name in names:
+        match = _LINK_TMP.match(name)
+        if match is None or (match.group("host") is not None and match.group("host") != host):
+            continue
+        pid = int(match.group("pid"))
+        if pid == os.getpid():
+            continue  # this process's own (replaced below)
+        try:
+            os.kill(pid, 0)
+            continue  # its writer is still running: leave it
+        except ProcessLookupError:
+            pass
+        except (OverflowError, PermissionError, OSError):
+            continue
+        path = directory / name
+        try:
+            if not (path.is_symlink() or path.is_file()):
+                continue
+            path.unlink()
+            swept.append(path)
+        except OSError:
+            pass
+    return swept
+
+
 def _link_last(directory: Path, target: Path) -> None:
-    tmp = directory / f".{LAST}.{os.getpid()}.tmp"
+    if Path(os.path.abspath(target)).parent != Path(os.path.abspath(directory)):
+        logger.warning("not pointing %s at %s: the link names only files in its own directory", directory / LAST,
+                       target)
+        return
+    _sweep_link_temporaries(directory)
+    tmp = directory / f".{LAST}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
@@ -124,6 +203,7 @@ class CheckpointStore:
         self.keep_best = None if not keep_best else int(keep_best)
         self.monitor = monitor
         self.mode = mode
+        self._not_pruned: set = set()  # files of the store's pattern that it did not write (warned once each)
 
     def save(self, h: "NNHandler", tag: str = "") -> Path:
         """Save on every rank (rank 0 writes); then rank 0 updates ``last.pth`` and prunes."""
@@ -143,7 +223,7 @@ class CheckpointStore:
         files = []
         for path in self.directory.iterdir():
             match = _NAME.match(path.name)
-            if match and not path.is_symlink():
+            if match and not path.is_symlink() and self._written_here(path):
                 files.append((int(match.group(2)), int(match.group(1)), path))
         files.sort()
         keep = {files[-1][2]} if files else set()  # never leave the directory without the newest
@@ -165,6 +245,24 @@ class CheckpointStore:
                 logger.warning("could not prune %s: %s", path, exc)
         return deleted
 
+    def _written_here(self, path: Path) -> bool:
+        """Whether ``path`` (a name of the store's pattern) is a file this store wrote: a plain file
+        carrying this project's checksum trailer. Anything else is never pruned (one warning each)."""
+        problem = None
+        try:
+            if not path.is_file():
+                problem = "not a regular file"
+            elif read_trailer(path) is None:
+                problem = "it carries no nn_handler checksum trailer"
+        except Exception as exc:  # damaged, foreign, unreadable
+            problem = f"not an intact nn_handler checkpoint ({type(exc).__name__})"
+        if problem is None:
+            return True
+        if path not in self._not_pruned:
+            self._not_pruned.add(path)
+            logger.warning("retention leaves %s alone: %s, so it is not a checkpoint this store wrote", path, problem)
+        return False
+
 
 def _monitored(h: "NNHandler", name: str) -> Optional[float]:
     history = {"loss": h.train_losses, "train_loss": h.train_losses, "val_loss": h.val_losses}
@@ -179,12 +277,23 @@ def _monitored(h: "NNHandler", name: str) -> Optional[float]:
 
 
 def _recorded_score(path: Path, monitor: Optional[str]) -> Optional[float]:
+    """The monitored value the store recorded in ``path`` (a finite float), or None. Never raises."""
     try:
         state = safe_load(path, map_location="cpu", mmap=True)
-        record = (state.get("metadata") or {}).get("monitor") or {}
-    except Exception:
+    except Exception:  # noqa: BLE001 (unreadable: not ranked)
         return None
-    return record.get("value") if record.get("name") == monitor else None
+    metadata = state.get("metadata") if isinstance(state, dict) else None
+    record = metadata.get("monitor") if isinstance(metadata, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str) or record.get("name") != monitor:
+        return None
+    value = record.get("value")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _protected(h: "NNHandler") -> List[str]:
