@@ -6,6 +6,21 @@ from typing import Optional
 import torch
 from torch.utils.data import TensorDataset
 
+# Synthetic data is for examples and tests; a spec read from a file names these functions, so
+# their sizes are bounded (a small file cannot make load allocate gigabytes).
+MAX_ELEMENTS = 2**26
+
+
+def _check_size(name: str, **sizes: int) -> None:
+    total = 1
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: {key} must be a positive int, got {value!r}")
+        total *= value
+    if total > MAX_ELEMENTS:
+        raise ValueError(f"{name}: {' x '.join(f'{k}={v}' for k, v in sizes.items())} is more than "
+                         f"{MAX_ELEMENTS:,} elements of synthetic data")
+
 
 def synthetic_classification(n: int = 512, in_features: int = 8, num_classes: int = 3, seed: int = 0,
                              noise: float = 0.5, sample_seed: Optional[int] = None) -> TensorDataset:
@@ -14,6 +29,8 @@ def synthetic_classification(n: int = 512, in_features: int = 8, num_classes: in
     ``sample_seed``, when given, draws the samples from their own stream (the centres still
     come from ``seed``): a held-out set of the same problem.
     """
+    _check_size("synthetic_classification", n=n, in_features=in_features)
+    _check_size("synthetic_classification", num_classes=num_classes, in_features=in_features)
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(num_classes, in_features, generator=g) * 2.0
     if sample_seed is not None:
@@ -26,6 +43,9 @@ def synthetic_classification(n: int = 512, in_features: int = 8, num_classes: in
 def synthetic_regression(n: int = 512, in_features: int = 8, out_features: int = 1, seed: int = 0,
                          noise: float = 0.1) -> TensorDataset:
     """``y = x W + noise`` for a random ``W`` fixed by ``seed``."""
+    _check_size("synthetic_regression", n=n, in_features=in_features)
+    _check_size("synthetic_regression", n=n, out_features=out_features)
+    _check_size("synthetic_regression", in_features=in_features, out_features=out_features)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(in_features, out_features, generator=g)
     x = torch.randn(n, in_features, generator=g)

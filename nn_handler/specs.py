@@ -192,6 +192,17 @@ class Trust:
     def with_modules(self, *modules: str) -> "Trust":
         return Trust(self.names, self.modules + tuple(m for m in modules if m not in self.modules))
 
+    def with_model_module(self, model: Any) -> "Trust":
+        """Trust what the model class's own module defines, for the other slots: a user's module,
+        never torch's or nn_handler's (their own lists apply) nor the standard library's."""
+        module = getattr(model, "__module__", None)
+        if not isinstance(module, str) or not all(_IDENTIFIER.match(p) for p in module.split(".")):
+            return self
+        top = module.split(".", 1)[0]
+        if top in ("torch", "nn_handler", "builtins", "__main__") or top in sys.stdlib_module_names:
+            return self
+        return self.with_modules(module)
+
     def vouches_for(self, obj: Any) -> bool:
         """Whether the caller's names cover ``obj`` (by its defining module or its full name)."""
         module = getattr(obj, "__module__", None)
@@ -322,6 +333,10 @@ def resolve(path: str, what: str, *, expected: Any = None, functions: bool = Tru
         isinstance(obj, types.MethodType) and isinstance(obj.__self__, type))
     if not (is_class or is_function):
         raise _refuse(path, what, f"it is a {type(obj).__name__} object, not a class or a function")
+    if isinstance(obj, types.FunctionType) and "." in getattr(obj, "__qualname__", ""):
+        # A plain function reached through a class is an unbound method (Module.register_forward_hook):
+        # never a component.
+        raise _refuse(path, what, "it is a method of a class, not a class or a function of its own")
     if not _defined_in_trusted(obj, trust):
         raise _refuse(path, what, f"it is defined in {getattr(obj, '__module__', None)!r}, not in a trusted module")
     if is_class and kinds and not issubclass(obj, kinds):

@@ -79,6 +79,13 @@ def main(scenario: str, out: str, *args: str) -> None:
         except Exception as exc:
             report_error(out, exc, started)
             sys.exit(3)
+    elif scenario == "init_fail":  # args: path template with {rank}: weights only
+        try:
+            NNHandler.initialize_from_checkpoint(args[0].format(rank=os.environ["RANK"]), MLP, in_features=8,
+                                                 out_features=3, hidden=[16], dropout=0.2)
+        except Exception as exc:
+            report_error(out, exc, started)
+            sys.exit(3)
     elif scenario == "save_fail":  # args: unwritable path
         h = make()
         try:

@@ -127,6 +127,33 @@ def test_missing_file_fails_on_every_rank_within_seconds(two_epochs, tmp_path, w
         assert all("nowhere.pt" in r["message"] for r in reports)
 
 
+@pytest.mark.parametrize("damaged_rank", [0, 1])
+def test_a_damaged_copy_on_one_rank_is_refused_on_every_rank(two_epochs, tmp_path, damaged_rank):
+    """Per-rank copies (another node's disk, say) are not the same file: each rank verifies all of
+    its own copy, so a flipped byte in chunk 0 of rank 1's copy is caught although rank 0 hashes chunk 0
+    when the ranks share one file."""
+    import zipfile
+    data = (two_epochs / "ckpt.pt").read_bytes()
+    with zipfile.ZipFile(two_epochs / "ckpt.pt") as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    damaged = bytearray(data)
+    damaged[start + 3] ^= 0x01  # inside a tensor's bytes, in the first checksum chunk
+    for rank in (0, 1):
+        (tmp_path / f"ckpt_{rank}.pt").write_bytes(bytes(damaged) if rank == damaged_rank else data)
+    for which in ("load", "init"):
+        out = tmp_path / f"out-{which}"
+        proc = torchrun(out, "load_fail" if which == "load" else "init_fail", str(tmp_path / "ckpt_{rank}.pt"),
+                        timeout=120)
+        assert proc.returncode != 0, proc.stderr[-2000:]
+        reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        bad = reports[damaged_rank]
+        assert bad["type"] == "CorruptCheckpointError", bad
+        assert f"rank {damaged_rank}'s copy" in bad["message"] and f"ckpt_{damaged_rank}.pt" in bad["message"]
+        other = reports[1 - damaged_rank]
+        assert f"rank(s) {damaged_rank}" in other["message"], other
+
+
 def test_save_error_on_rank_zero_is_raised_on_every_rank(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where a directory should be")

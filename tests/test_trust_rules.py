@@ -199,3 +199,59 @@ def test_a_recorded_model_that_is_not_a_module_class_is_refused_before_it_is_cal
             NNHandler.load(path)
         assert str(path) in str(caught.value)
     assert not marker.exists()
+
+
+def _forged(tmp_path, change, name="forged.pt"):
+    h = NNHandler(MLP, device="cpu", in_features=4, out_features=2, hidden=[8])
+    state = h.state_dict()
+    change(state)
+    path = tmp_path / name
+    ckpt_io.atomic_save(state, path)
+    return path
+
+
+def test_a_library_model_does_not_widen_trust_to_its_modules_functions(tmp_path):
+    """A model spec naming torch's own Module cannot make torch.nn.modules.module's functions (process-wide
+    hook registration) callable from other slots; methods reached through a class never resolve."""
+    hook = {"_target_": "torch.nn.modules.module.register_module_forward_hook",
+            "hook": {"_target_": "torch.nn.functional.relu", "_partial_": True}}
+
+    def change(state):
+        state["model"]["spec"] = {"_target_": "torch.nn.modules.module.Module"}
+        state["model_state_dict"] = {}
+        state["data"]["train"] = {"dataset": hook, "options": {}}
+    path = _forged(tmp_path, change)
+    with pytest.raises(UnsafeCheckpointError, match="register_module_forward_hook"):
+        NNHandler.load(path)
+    assert not torch.nn.modules.module._global_forward_hooks
+    for target in ("torch.nn.Module.register_forward_hook", "nn_handler.models.MLP.forward"):
+        with pytest.raises(specs.UntrustedTarget, match="method of a class"):
+            specs.resolve(target, "x", trusted=["nn_handler.models", "torch.nn"])
+
+
+def test_the_files_model_kwargs_reach_the_model_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _forged(tmp_path, lambda s: s["model"]["spec"].update(logger_mode="file"))
+    with pytest.raises(UnsafeCheckpointError, match="logger_mode"):
+        NNHandler.load(path)
+    assert not (tmp_path / "nn_handler.log").exists()
+
+
+def test_a_small_file_cannot_make_load_build_a_huge_model_or_dataset(tmp_path):
+    def huge_model(state):
+        state["model"]["spec"] = {"_target_": "nn_handler.models.MLP", "in_features": 4, "out_features": 2,
+                                  "hidden": [8192, 8192, 8192]}
+    with pytest.raises(UnsafeCheckpointError, match="far more than"):
+        NNHandler.load(_forged(tmp_path, huge_model, "model.pt"))
+
+    def huge_data(state):
+        state["data"]["train"] = {"dataset": {"_target_": "nn_handler.datasets.synthetic_classification",
+                                              "n": 2**26, "in_features": 8}, "options": {}}
+    from nn_handler import NNHandlerWarning
+    with pytest.warns(NNHandlerWarning, match="elements of synthetic data"):
+        h = NNHandler.load(_forged(tmp_path, huge_data, "data.pt"))
+    assert h.train_loader is None
+    # What the caller asks for is the caller's: a model_class with its kwargs builds as given.
+    mine = NNHandler.load(_forged(tmp_path, huge_model, "model.pt"), model_class=MLP,
+                          model_kwargs={"in_features": 4, "out_features": 2, "hidden": [8]})
+    assert mine.module.net[0].out_features == 8

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+import socket
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,7 +24,7 @@ from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
 from .copyload import read_copied
 from .fastload import build_module_from_weights
-from .state import canonical_state_dict, dump, load_model_weights, rank_state, resolve_recorded_model, restore
+from .state import canonical_state_dict, dump, load_model_weights, rank_state, recorded_model_problem, resolve_recorded_model, restore
 from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
 from ..handler import prebuilt_module
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint", "inspect", "diff", "file_checksum",
-    "resolve_recorded_model", "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
+    "resolve_recorded_model", "recorded_model_problem", "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -98,31 +99,38 @@ def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", ke
     By default CPU tensors are copied into the process's own memory, checksummed on the way
     (``copyload``); ``keep_mapped`` keeps them memory-mapped from the file (no copy). The file
     is opened once and every read goes through that descriptor, so a save that replaces
-    ``path`` meanwhile cannot mix two files. Under DDP the ranks split the checksum work (each
-    hashes every world_size-th chunk, then the chunk CRCs are exchanged), so a job reads and
-    hashes the file about once, not once per rank; every step ends with an agreement, so a
+    ``path`` meanwhile cannot mix two files. Under DDP ranks that provably read the same file (same
+    host, device, inode, size and mtime) split the checksum work (each hashes every n-th chunk,
+    then the chunk CRCs are exchanged), so a job reads and hashes the file about once, not once
+    per rank; a rank whose copy is its own (another node, another path) hashes all of it; every step ends with an agreement, so a
     failure on any rank is raised on all of them.
     """
     path_str = os.fspath(path)
     what = f"reading checkpoint {path_str}"
     copy = not keep_mapped and torch.device(device).type == "cpu"
-    pin, source, trailer, error = None, path_str, None, None
+    pin, source, trailer, error, identity = None, path_str, None, None, None
     try:
         check_readable_file(path)
         pin = os.open(path, os.O_RDONLY)
         source = _io.pinned_name(pin, path_str)
         trailer = _io.read_trailer(source) if _io._VERIFY_CHECKSUMS else None
+        identity = _file_identity(pin)
     except Exception as exc:
         error = _named(exc, path_str)
     try:
         distributed.agree(error, info, what, path_str)
+        sharers, my_place = [info.rank], 0
         if info.enabled:
-            seen = distributed.all_gather_object(trailer, info)
+            seen = distributed.all_gather_object((trailer, identity), info)
             error = None
-            if any(t != seen[0] for t in seen):
+            if any(t != seen[0][0] for t, _ in seen):
                 error = CorruptCheckpointError(path, "the file differs between ranks (different checksum records)")
             distributed.agree(error, info, what, path_str)
-        mine_indices = range(info.rank, trailer.chunks, info.world_size) if trailer is not None else range(0)
+            # Only ranks that provably read the same file (same host, device, inode, size and
+            # mtime) split the hashing; a rank whose copy is its own verifies every chunk of it.
+            sharers = [r for r, (_, ident) in enumerate(seen) if ident == identity]
+            my_place = sharers.index(info.rank)
+        mine_indices = range(my_place, trailer.chunks, len(sharers)) if trailer is not None else range(0)
         obj, mine, error = None, {}, None
         try:
             obj = safe_load(source, map_location=device, mmap=True)
@@ -146,17 +154,29 @@ def _read(path: PathLike, device: torch.device, info: "distributed.DistInfo", ke
         if pin is not None:
             os.close(pin)
     crcs: Dict[int, int] = {}
-    for part in distributed.all_gather_object(mine, info):
-        crcs.update(part)
+    for rank, part in enumerate(distributed.all_gather_object(mine, info)):
+        if rank in sharers:  # only the hashes of this very file
+            crcs.update(part)
     error = None
     try:
         if trailer is not None:
-            _io.check_table(path_str, trailer, crcs)
+            try:
+                _io.check_table(path_str, trailer, crcs)
+            except CorruptCheckpointError as exc:
+                if info.enabled:
+                    raise CorruptCheckpointError(path_str, f"rank {info.rank}'s copy: {exc.message}") from None
+                raise
         obj = _checked(obj, path_str, trailer is not None or not _io._VERIFY_CHECKSUMS)  # (a bench switch)
     except Exception as exc:
         error, obj = exc, None
     distributed.agree(error, info, what, path_str)
     return obj
+
+
+def _file_identity(fd: int) -> Tuple[str, int, int, int, int]:
+    """What makes two ranks' open files provably the same file: host, device, inode, size, mtime."""
+    st = os.fstat(fd)
+    return socket.gethostname(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _named(exc: BaseException, path: str) -> BaseException:

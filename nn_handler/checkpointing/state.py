@@ -233,6 +233,40 @@ def unsafe(path: str, exc: "specs.UntrustedTarget", skip_flag: Optional[str] = N
     return error
 
 
+def recorded_model_problem(handler_class: type, model_class: Any, kwargs: Dict[str, Any],
+                           weight_elements: int) -> Optional[str]:
+    """Why a model built from a file's spec (class and kwargs) must not be built, or None.
+
+    The kwargs go to the model only: a name the handler itself takes (``logger_mode``,
+    ``use_distributed``) is never one a save recorded. And a model whose weights the file does
+    not hold (so it is built for real) may not need far more than the file's weights: a small
+    file cannot make load allocate gigabytes through a recorded ``width=8192``.
+    """
+    import inspect as _inspect
+    own = {n for n, p in _inspect.signature(handler_class.__init__).parameters.items()
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    clash = sorted(set(kwargs) & own)
+    if clash:
+        return f"the recorded model kwargs {clash} are {handler_class.__name__}'s own parameters, never recorded"
+    try:
+        with torch.device("meta"):
+            module = model_class(**kwargs)
+    except Exception:
+        return None  # the real build reports its own error
+    if not isinstance(module, nn.Module):
+        return None
+    need = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
+    if need > 2 * weight_elements + (16 << 20):
+        return (f"the recorded model {model_class.__qualname__}({kwargs}) has {need:,} weight elements, far more "
+                f"than the {weight_elements:,} the file holds; pass model_class= and its kwargs if you mean it")
+    return None
+
+
+def _elements(weights: Any) -> int:
+    return sum(v.numel() for v in (weights or {}).values()
+               if isinstance(v, torch.Tensor) and v.layout == torch.strided)
+
+
 def resolve_recorded_model(target: str, path: str, trusted_packages: Any = ()) -> Any:
     """The model class (or trusted factory) a checkpoint at ``path`` records as ``target``, under
     ``load``'s trust rules; ``UnsafeCheckpointError`` when they refuse it. Nothing is built."""
@@ -287,7 +321,12 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
             model_class, recorded_kwargs = _model_class(model_entry, path, trust)
         except specs.SpecError as exc:
             raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
-        model_kwargs = recorded_kwargs if model_kwargs is None else model_kwargs
+        if model_kwargs is None:  # the file's kwargs: to the model only, within a size bound
+            model_kwargs = recorded_kwargs
+            problem = recorded_model_problem(handler_class, model_class, model_kwargs,
+                                             _elements(state[F.MODEL_STATE]))
+            if problem:
+                raise UnsafeCheckpointError(path, problem)
     module = build_module_from_weights(model_class, model_kwargs or {}, state[F.MODEL_STATE], torch.device(device))
     with prebuilt_module(module):
         h = handler_class(model_class, device=device,
@@ -298,8 +337,7 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     skipped = set()
     # The model class's own module (the caller's, or the recorded one that resolved) is trusted
     # for the other slots too: what is defined in that module, not what it imports.
-    own_module = getattr(model_class, "__module__", None)
-    trusted = trust.with_modules(own_module) if isinstance(own_module, str) else trust
+    trusted = trust.with_model_module(model_class)
 
     def attempt(component: str, fn, skip_flag: Optional[str] = None) -> None:
         """Restore one component; a refused target raises, another failure is told (naming it and
