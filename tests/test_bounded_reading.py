@@ -499,3 +499,127 @@ def test_another_programs_zip_archive_is_not_a_checkpoint_whatever_its_compressi
     with pytest.raises(NotACheckpointError) as info:
         read_checkpoint(path)
     assert info.value.path == str(path)
+
+
+# ---------------------------------------------------------------------------- shared references and cycles
+def _doubling(depth: int) -> list:
+    value = [0]
+    for _ in range(depth):
+        value = [value, value]  # a few bytes a level in the file (the pickler memoizes it), 2**depth when walked
+    return value
+
+
+def _fan_out(width: int, depth: int) -> list:
+    value = [0]
+    for _ in range(depth):
+        value = [value] * width
+    return value
+
+
+def _self_containing() -> list:
+    value = [1, 2]
+    value.append(value)
+    return value
+
+
+def _deep(depth: int) -> list:
+    value = [0]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _doubling(24), "expands to more than"),                    # 2**24 leaves from a ~20 KB file
+    (lambda: _fan_out(150, 3), "expands to more than"),                 # 3.4 million nodes
+    (lambda: {"a": _self_containing()}, "contains itself"),             # readers would recurse forever
+    (lambda: [{"x": _self_containing()}, 3], "contains itself"),
+    (lambda: _deep(500), "nested more than"),                           # RecursionError in every walker
+])
+def test_structures_that_expand_or_cycle_when_walked_are_refused_quickly_by_every_reader(
+        tmp_path, make, message, no_unpickling):
+    state = _handler_state(tmp_path / "good.pt")
+    state["metadata"]["x"] = make()
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 5000))  # (torch.save itself recurses through a deep structure)
+    try:
+        path = ckpt_io.atomic_save(state, tmp_path / "forged.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert path.stat().st_size < 1 << 20
+    calls = _all_readers(path) + [("diff", lambda: diff(tmp_path / "good.pt", path)),
+                                  ("diff reversed", lambda: diff(path, tmp_path / "good.pt"))]
+    for name, call in calls:
+        start = time.perf_counter()
+        with pytest.raises(UnsafeCheckpointError) as info:
+            call()
+        elapsed = time.perf_counter() - start
+        assert message in str(info.value) and info.value.path == str(path), (name, str(info.value))
+        assert "nothing was unpickled" in str(info.value)
+        assert elapsed < 2.0, f"{name} took {elapsed:.1f} s to refuse"
+    start = time.perf_counter()
+    report = inspect(path)  # reports, never raises
+    assert message in report["error"] and time.perf_counter() - start < 2.0
+    with pytest.warns(Warning, match=re.escape(str(path))):
+        assert find_latest(tmp_path) == tmp_path / "good.pt"
+
+
+def test_a_structure_that_expands_too_far_is_refused_wherever_it_sits_in_the_state(tmp_path, no_unpickling):
+    state = _handler_state(tmp_path / "good.pt")
+    state["optimizer"]["state_dict"] = {"state": {0: {"x": _doubling(20)}}, "param_groups": []}  # not only metadata
+    path = ckpt_io.atomic_save(state, tmp_path / "forged.pt")
+    with pytest.raises(UnsafeCheckpointError, match="expands to more than"):
+        NNHandler.load(path)
+    # a tuple chain (tuples are measured like lists) and a dict chain
+    for value in ((lambda: _tuple_doubling(22)), (lambda: _dict_doubling(22))):
+        path = ckpt_io.atomic_save({"x": value()}, tmp_path / "plain.pt")
+        with pytest.raises(UnsafeCheckpointError, match="expands to more than"):
+            read_checkpoint(path)
+
+
+def _tuple_doubling(depth: int) -> tuple:
+    value: tuple = (0,)
+    for _ in range(depth):
+        value = (value, value)
+    return value
+
+
+def _dict_doubling(depth: int) -> dict:
+    value: dict = {"leaf": 0}
+    for _ in range(depth):
+        value = {"a": value, "b": value}
+    return value
+
+
+@pytest.mark.parametrize("pickle_bytes", [
+    # a list changed after it was placed in another ([] memoized, put in an outer list, which is dropped,
+    # then grown): how a file would otherwise make its measured sizes too small
+    b"\x80\x02]q\x00]q\x01h\x00a0K\x01a.",
+    # a dict that is its own value, written by hand
+    b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.",
+])
+def test_hand_written_cycles_and_late_changes_are_refused(tmp_path, pickle_bytes, no_unpickling):
+    path = forge_archive(tmp_path / "forged.pt", pickle_bytes)
+    with pytest.raises(UnsafeCheckpointError, match="contains itself, or is changed after"):
+        read_checkpoint(path)
+
+
+def test_a_large_legitimate_checkpoint_with_history_and_shared_values_still_loads(tmp_path):
+    h = hc.classification_handler()
+    h.train(epochs=1, ema_decay=0.9, seed=0, progress_bar=False)
+    for i in range(1000):
+        h._history.append(1.0 / (i + 1), {"accuracy": 0.5}, 0.9, {"accuracy": 0.6})
+    classes = [f"class {i}" for i in range(500)]
+    h.metadata["classes"] = classes          # the same list in several places (memo references)
+    h.metadata["splits"] = {"train": classes, "val": classes, "test": classes}
+    h.metadata["nested"] = _deep(60)         # deep, but far from the limit
+    h.metadata["shared_small"] = _doubling(12)  # 8,192 leaves: legitimate sharing within the budget
+    path = tmp_path / "big.pt"
+    h.save(path)
+    loaded = NNHandler.load(path)
+    assert len(loaded.train_losses) == 1001 and loaded.metadata["splits"]["val"] == classes
+    assert loaded.ema is not None
+    assert NNHandler.initialize_from_checkpoint(path, MLP, **hc.MODEL_KWARGS) is not None
+    assert "error" not in inspect(path) or not inspect(path)["error"]
+    diff(path, path)
+    read_info(path)
