@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import datetime
 import errno
+import math
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
@@ -60,18 +63,111 @@ def setup(use_distributed: Optional[bool]) -> DistInfo:
             raise RuntimeError("use_distributed=True but no distributed environment was found: "
                                "launch with torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or srun")
         return info
+    init_process_group("nccl" if torch.cuda.is_available() else "gloo", info)
+    return info
+
+
+# ---------------------------------------------------------------------------- forming the group
+PG_TIMEOUT_ENV = "NN_HANDLER_PG_TIMEOUT"
+DEFAULT_FORMATION_TIMEOUT_S = 300.0
+FORMATION_EXIT_CODE = 124  # as timeout(1): the attempt ran out of time
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # one collective (a rank-0 save's barrier...), not formation
+
+
+def formation_timeout() -> Optional[float]:
+    """Seconds a process group may take to form (``NN_HANDLER_PG_TIMEOUT``; 0 or ``none``: no bound)."""
+    raw = os.environ.get(PG_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_FORMATION_TIMEOUT_S
+    if raw.lower() in ("none", "off", "inf", "infinite"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{PG_TIMEOUT_ENV}={raw!r}: expected a number of seconds >= 0 (0 or 'none': no bound)")
+    return None if value == 0 or math.isinf(value) else value
+
+
+def rendezvous_env(info: DistInfo) -> None:
+    """Fill in the ``env://`` variables that torchrun sets, from what srun sets (as ``setup`` does).
+
+    RANK, WORLD_SIZE and LOCAL_RANK come from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID;
+    MASTER_ADDR is the first host of SLURM_JOB_NODELIST and MASTER_PORT 15000 + SLURM_JOB_ID
+    mod 20000. Variables already set (torchrun's, or the user's MASTER_ADDR/MASTER_PORT) win.
+    """
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    if "MASTER_ADDR" not in os.environ and os.environ.get("SLURM_JOB_NODELIST"):
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not os.environ.get("MASTER_ADDR") and nodelist:
         # Launched by srun without torchrun: rendezvous on the job's first node.
-        os.environ["MASTER_ADDR"] = first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
-        os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        os.environ["MASTER_ADDR"] = first_slurm_host(nodelist)
+    if not os.environ.get("MASTER_PORT") and nodelist:
+        os.environ["MASTER_PORT"] = str(15000 + int(os.environ.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"rank {info.rank} of {info.world_size}: no rendezvous address: set "
+                           f"{' and '.join(missing)} (torchrun and srun's SLURM_JOB_NODELIST provide them)")
+
+
+class _FormationWatchdog:
+    """Ends this process if the group has not formed in time: a rank stuck in the C++ rendezvous
+    (a peer that never comes, a torch-level race) cannot be interrupted any other way. The exit
+    fails this attempt, so a launcher with restarts left (torchrun --max-restarts) tries again."""
+
+    def __init__(self, seconds: float, info: DistInfo) -> None:
+        self._seconds = seconds
+        self._info = info
+        self._timer = threading.Timer(seconds, self._expired)
+        self._timer.daemon = True
+        self._timer.name = "nn_handler-pg-formation-watchdog"
+        self._timer.start()
+
+    def _expired(self) -> None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        try:
+            sys.stderr.write(
+                f"nn_handler: rank {self._info.rank} of {self._info.world_size}: the process group did not form "
+                f"within {self._seconds:g} s (rendezvous {where}); this attempt fails with exit code "
+                f"{FORMATION_EXIT_CODE} (set {PG_TIMEOUT_ENV}=<seconds> to change the bound, 0 for none)\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(FORMATION_EXIT_CODE)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        self._timer.join()
+
+
+def init_process_group(backend: str, info: DistInfo) -> None:
+    """Join the group the environment describes, bounded in time (``formation_timeout``).
+
+    The bound covers ``init_process_group`` and a first collective (under nccl the connections
+    are made there); collectives afterwards keep the 30-minute timeout.
+    """
+    rendezvous_env(info)
+    if torch.cuda.is_available() and "nccl" in backend:
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return info
+    bound = formation_timeout()
+    watchdog = _FormationWatchdog(bound, info) if bound is not None else None
+    try:
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        on_gpu = backend == "nccl"  # nccl alone; "cpu:gloo,cuda:nccl" probes its CPU (gloo) part
+        probe = torch.zeros(1, device=torch.device("cuda", info.local_rank) if on_gpu else "cpu")
+        dist.all_reduce(probe)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def teardown() -> None:
+    """Close the process group (and the control group made for it); a no-op when none is open."""
+    global _CONTROL_GROUP
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -564,13 +564,30 @@ class NNHandler:
                     trusted_packages=trusted_packages)
 
     @classmethod
-    def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike], model_class: Callable[..., nn.Module],
+    def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],
+                                   model_class: Optional[Callable[..., nn.Module]] = None,
                                    model_type: Optional[Union[ModelType, str]] = None, device: DeviceLike = None,
-                                   strict_load: bool = True, **model_kwargs: Any) -> "NNHandler":
-        """A new handler with only the model weights from ``checkpoint_path`` (a state_dict or a handler file)."""
+                                   strict_load: bool = True, *, prefix: Optional[str] = None,
+                                   trusted_packages: Sequence[str] = (), **model_kwargs: Any) -> "NNHandler":
+        """A new handler with only the model weights from ``checkpoint_path``: a handler file, a state_dict,
+        a PyTorch Lightning ``.ckpt`` (``prefix="model."`` picks the weights under that prefix), a
+        ``{"state_dict": ...}`` or ``{"model": ...}`` dict, or a safetensors file (``export``'s too).
+        Without ``model_class`` the model the file records is rebuilt under ``load``'s trust rules."""
         from .checkpointing import initialize_from_checkpoint
         return initialize_from_checkpoint(cls, checkpoint_path, model_class, model_type=model_type, device=device,
-                                          strict_load=strict_load, **model_kwargs)
+                                          strict_load=strict_load, prefix=prefix, trusted_packages=trusted_packages,
+                                          **model_kwargs)
+
+    def export(self, path: Union[str, os.PathLike], ema: bool = True) -> "os.PathLike[str]":
+        """Write the model's weights to ``path`` as safetensors (the EMA weights when there are any,
+        unless ``ema=False``), with the model's spec in the file's metadata, atomically.
+
+        ``safetensors.torch.load_file(path)`` reads it, and so do ``initialize_from_checkpoint`` and
+        ``load`` (which rebuild the recorded model under the usual trust rules). Needs the
+        ``safetensors`` package (``pip install 'nn-handler[interop]'``). Under DDP every rank calls it.
+        """
+        from .interop import export
+        return export(self, path, ema=ema)
 
     # ------------------------------------------------------------------ logging and messages
     def _configure_logging(self, mode: Optional[LoggingMode]) -> None:

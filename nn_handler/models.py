@@ -74,6 +74,7 @@ class ScoreMLP(nn.Module):
                  beta_min: float = 0.1, beta_max: float = 20.0, film: bool = False):
         super().__init__()
         import math
+
         from .sde import VPSDE
 
         self.shape = tuple(int(d) for d in shape)

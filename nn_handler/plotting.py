@@ -7,6 +7,7 @@ display is needed. Files are written atomically (a temporary file, then a rename
 from __future__ import annotations
 
 import math
+import operator
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +48,19 @@ def _write(fig: "Figure", path: PathLike) -> Path:
     return path
 
 
+def _nrow(nrow: Optional[int], n: int) -> int:
+    """Images per row: ``nrow`` (an int >= 1; more than ``n`` is ``n``), None: about sqrt(n)."""
+    if nrow is None or nrow == 0:
+        return max(1, math.ceil(math.sqrt(n)))
+    try:
+        count = None if isinstance(nrow, bool) else operator.index(nrow)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(f"nrow must be None or an integer >= 1, got {str(nrow)[:80]}")
+    return max(1, min(count, n))  # a row longer than the samples would only be blank canvas
+
+
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1,
                value_range: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """Images ``(n, C, H, W)`` (C = 1 or 3) or ``(n, H, W)`` tiled into one ``(H', W', C)`` array in [0, 1].
@@ -61,7 +75,7 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
     lo, hi = value_range if value_range is not None else (x.min().item(), x.max().item())
     x = ((x - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
     n, c, h, w = x.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = _nrow(nrow, n)
     rows = math.ceil(n / nrow)
     grid = torch.ones(c, rows * (h + padding) + padding, nrow * (w + padding) + padding)
     for i in range(n):
@@ -74,7 +88,8 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
 def save_samples_png(samples: torch.Tensor, path: PathLike, nrow: Optional[int] = None,
                      value_range: Optional[Sequence[float]] = None, title: Optional[str] = None) -> Path:
     """Write ``samples`` as a PNG: a grid for images (``(n, H, W)`` or ``(n, C, H, W)``), a
-    scatter plot for 2-D points ``(n, 2)``, a histogram for 1-D values ``(n,)`` or ``(n, 1)``."""
+    scatter plot for 2-D points ``(n, 2)``, a histogram for 1-D values ``(n,)`` or ``(n, 1)``.
+    ``nrow`` larger than the number of samples is clamped to it."""
     samples = samples.detach().float().cpu()
     if samples.dim() == 1 or (samples.dim() == 2 and samples.shape[1] == 1):
         fig = _figure(5, 4)

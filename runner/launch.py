@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -24,13 +25,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from nn_handler.distributed import env_topology
+from nn_handler.distributed import env_topology, init_process_group, teardown
 
 from .errors import RunnerError
 
 log = logging.getLogger("runner")
 
 LOG_NAME = "runner"
+# What the self-launch's agent handles and forwards to its workers (torchrun: --signals-to-handle).
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _run_time: Optional[float] = None
 
 
@@ -93,13 +96,16 @@ def _backend() -> str:
 
 
 def _init_process_group() -> None:
-    """Join the group torchrun / elastic launch describes (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    """Join the group torchrun, elastic launch or srun describes, as the library does.
+
+    torchrun's RANK/WORLD_SIZE/MASTER_ADDR..., else srun's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+    with the rendezvous on SLURM_JOB_NODELIST's first host (MASTER_ADDR/MASTER_PORT override);
+    a group that does not form within NN_HANDLER_PG_TIMEOUT seconds (default 300) fails the
+    attempt with exit code 124 (``nn_handler.distributed.init_process_group``).
+    """
     if dist.is_initialized():
         return
-    info = env_topology()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=_backend(), timeout=datetime.timedelta(minutes=30))
+    init_process_group(_backend(), env_topology())
 
 
 def join_torchrun(argv: Optional[List[str]] = None) -> None:
@@ -114,7 +120,11 @@ def join_torchrun(argv: Optional[List[str]] = None) -> None:
                          "run the sweep without torchrun and set launcher.nproc_per_node=N instead "
                          "(each sweep job is then its own distributed run)\n")
         sys.exit(2)
-    _init_process_group()
+    try:
+        _init_process_group()
+    except (RuntimeError, ValueError) as exc:  # no rendezvous address, a bad NN_HANDLER_PG_TIMEOUT...
+        sys.stderr.write(f"runner: could not join the process group: {exc}\n")
+        sys.exit(2)
     box: List[Any] = [time.time()]
     dist.broadcast_object_list(box, src=0)
     _run_time = float(box[0])
@@ -122,8 +132,7 @@ def join_torchrun(argv: Optional[List[str]] = None) -> None:
 
 def leave() -> None:
     """Close the process group (every exit path of ``python -m runner``)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    teardown()
 
 
 # ---------------------------------------------------------------------------- running a job
@@ -190,9 +199,16 @@ def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[s
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     container = OmegaConf.to_container(cfg, resolve=True)
+    # The agent forwards these to the workers, which pre-empt on SIGTERM, SIGUSR1 and SIGINT.
+    # torch's default list lacks SIGUSR1 (SLURM's --signal=USR1@N): without it this process
+    # would die of the signal and take the workers with it, nothing saved.
+    signals = {"signals_to_handle": FORWARDED_SIGNALS}
+    if "signals_to_handle" not in {f.name for f in dataclasses.fields(LaunchConfig)}:  # older torch: the variable
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = FORWARDED_SIGNALS
+        signals = {}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runner-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
+                          start_method="spawn", **signals)
     # As torchrun does: one thread per worker unless told otherwise, or N workers oversubscribe the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet_elastic()

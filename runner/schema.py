@@ -124,6 +124,13 @@ class SampleConf:
 
 
 @dataclass
+class ExportConf:
+    """``task=export``: the checkpoint's weights as ``<run dir>/model.safetensors``."""
+
+    ema: bool = True  # the EMA weights when the checkpoint has them; false: the live weights
+
+
+@dataclass
 class ResumeConf:
     # Let a resume go on although the model differs from the checkpoint's (class or kwargs);
     # the difference is still reported as a warning.
@@ -132,7 +139,7 @@ class ResumeConf:
 
 @dataclass
 class RunnerConfig:
-    task: str = "train"  # set by the task group: train | resume | finetune | infer | sample | inspect | diff
+    task: str = "train"  # set by the task group: train | resume | finetune | infer | sample | inspect | diff | export
     # The model class as a _target_ plus its constructor kwargs; empty means "the one recorded
     # in the checkpoint" (resume, finetune, infer).
     model: Dict[str, Any] = field(default_factory=dict)
@@ -159,6 +166,7 @@ class RunnerConfig:
     resume: ResumeConf = field(default_factory=ResumeConf)
     inspect: InspectConf = field(default_factory=InspectConf)
     diff: DiffConf = field(default_factory=DiffConf)
+    export: ExportConf = field(default_factory=ExportConf)
 
 
 def register() -> None:

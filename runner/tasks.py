@@ -20,13 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nn_handler import NNHandler, rng, specs
-from nn_handler.checkpointing import (CheckpointError, UnsafeCheckpointError, diff as diff_checkpoints,
-                                     inspect as inspect_checkpoint, read_info, resolve_recorded_model)
+from nn_handler.checkpointing import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    read_info,
+    recorded_model_problem,
+    resolve_recorded_model,
+)
+from nn_handler.checkpointing import diff as diff_checkpoints
+from nn_handler.checkpointing import inspect as inspect_checkpoint
 from nn_handler.checkpointing.io import safe_load
 from nn_handler.checkpointing.store import CheckpointStore, NoCheckpointFound, find_latest
 from nn_handler.data import bounded_loader_options
-from nn_handler.training import Preempted
 from nn_handler.distributed import env_topology
+from nn_handler.training import Preempted
 
 from . import drift, inspection, reporting
 from .callbacks import EpochProgressBar
@@ -218,6 +225,10 @@ class ModelChoice:
             self.configured = bool(node)
             try:
                 self.cls = resolve_recorded_model(self.target, path, self.trusted)
+                problem = recorded_model_problem(NNHandler, self.cls, recorded["kwargs"],
+                                                 int(info.get("parameters") or 0))
+                if problem:
+                    raise UnsafeCheckpointError(path, problem)
             except UnsafeCheckpointError:
                 raise
             except specs.SpecError as exc:
@@ -583,14 +594,41 @@ def _every(cfg: DictConfig) -> Tuple[Optional[int], Optional[int]]:
     return (int(steps) if steps else None), (int(epochs) if epochs else None)
 
 
+MAX_SAMPLE_ELEMENTS = 2 ** 28  # n * prod(shape) for a sample shape not given by the user (from a file)
+MAX_RECORDED_STEPS = 100_000  # sample.steps / corrector_steps taken from a checkpoint's run config
+
+
+def _checked_shape(shape: Any, n: int, where: str) -> List[int]:
+    """A sample shape the user did not give (the model's recorded kwargs, the data's): a short list of
+    positive ints whose ``n`` samples hold at most MAX_SAMPLE_ELEMENTS elements, else a RunnerError."""
+    import math
+
+    dims: Optional[List[int]] = None
+    if isinstance(shape, (list, tuple, torch.Size)) and len(shape) <= 8:
+        dims = [d for d in shape if isinstance(d, int) and not isinstance(d, bool) and d >= 1]
+        dims = dims if len(dims) == len(shape) else None
+    if dims is None:
+        raise RunnerError(f"sample.shape is needed: {where} gives {str(shape)[:80]}, which is not one sample's "
+                          f"shape; give it, e.g. sample.shape=[1,8,8]")
+    elements = max(1, n) * math.prod(dims)
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise RunnerError(f"sample.shape is needed: {where} gives {dims}, and {n} samples of it would hold "
+                          f"{elements} elements (more than {MAX_SAMPLE_ELEMENTS} are not taken from a file); "
+                          f"give sample.shape=[...] (and sample.n=...) on the command line")
+    return dims
+
+
 def _sample_shape(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]] = None) -> List[int]:
-    """One sample's shape: ``sample.shape``, else the model's ``shape`` kwarg, else the training data's."""
+    """One sample's shape: ``sample.shape``, else the model's ``shape`` kwarg, else the training data's
+    (those two only when ``sample.n`` samples of it stay within MAX_SAMPLE_ELEMENTS)."""
     if cfg.sample.shape:
         return [int(d) for d in cfg.sample.shape]
-    kwargs = ((info or {}).get("model") or {}).get("kwargs") or {}
-    shape = kwargs.get("shape") or getattr(h.module, "shape", None)
-    if shape:
-        return [int(d) for d in shape]
+    n = int(cfg.sample.n or 1)
+    model = (info or {}).get("model") if isinstance(info, dict) else None
+    kwargs = model.get("kwargs") if isinstance(model, dict) else None
+    shape = (kwargs.get("shape") if isinstance(kwargs, dict) else None) or getattr(h.module, "shape", None)
+    if shape is not None and not isinstance(shape, torch.Tensor) and shape:
+        return _checked_shape(shape, n, "the checkpoint's recorded model `shape` kwarg")
     dataset = h.train_loader.dataset if h.train_loader is not None else None
     if dataset is None:
         recorded = (((info or {}).get("data") or {}).get("train") or {}).get("dataset")
@@ -602,7 +640,7 @@ def _sample_shape(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]] 
                           "`shape` kwarg and no training data is recorded)")
     first = dataset[0]
     x = first[0] if isinstance(first, (list, tuple)) else first
-    return list(x.shape)
+    return _checked_shape(list(getattr(x, "shape", None) or []), n, "the training data's first sample")
 
 
 def _sample_grid(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> Optional[Any]:
@@ -712,6 +750,9 @@ def train(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     return _fit(h, cfg, ctx, checkpoint_read=None)
 
 
+MAX_RECORDED_EPOCHS = 10 ** 6  # a recorded runner.target_epoch beyond the file's epoch + this is ignored
+
+
 def continue_run(cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
     """auto_resume: this run directory already holds ``path``; go on from it up to the run's total.
 
@@ -721,9 +762,16 @@ def continue_run(cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
     """
     h = NNHandler.load(path, device=cfg.device, model_type=cfg.model_type, trusted_packages=_trusted_packages(cfg))
     _complete_from_config(h, cfg, ctx)
-    recorded = h.metadata.get("runner") or {}
-    target = int(cfg.train.epochs) if str(cfg.task) == "train" or not recorded.get("target_epoch") \
-        else int(recorded["target_epoch"])
+    recorded = h.metadata.get("runner")
+    recorded_target = recorded.get("target_epoch") if isinstance(recorded, dict) else None
+    if recorded_target is not None and not (isinstance(recorded_target, int) and not isinstance(recorded_target, bool)
+                                            and 0 <= recorded_target <= h.epoch + MAX_RECORDED_EPOCHS):
+        if h.rank == 0:
+            log.warning("auto_resume: ignoring the target epoch %s recorded in %s (not an epoch from 0 to %d); "
+                        "training up to train.epochs=%s", str(recorded_target)[:40], path,
+                        h.epoch + MAX_RECORDED_EPOCHS, cfg.train.epochs)
+        recorded_target = None
+    target = int(cfg.train.epochs) if str(cfg.task) == "train" or not recorded_target else recorded_target
     if h.train_loader is None:
         _set_data(h, cfg, _info(path, path), require_train=True)
     position = " (inside epoch %d)" % (h.epoch + 1) if h._resume_position else ""
@@ -839,9 +887,7 @@ def infer(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         if ctx.given("loss") or not info.get("loss_fn"):
             loss_cls, loss_kwargs = _component(cfg.loss, "loss")
         else:  # the file's loss: under the file's trust rules (and the model's own module), never a plain import
-            trust = specs.Trust.of(_trusted_packages(cfg))
-            if isinstance(getattr(choice.cls, "__module__", None), str):
-                trust = trust.with_modules(choice.cls.__module__)
+            trust = specs.Trust.of(_trusted_packages(cfg)).with_model_module(choice.cls)
             target, kwargs = specs.split(info["loss_fn"])
             loss_cls = specs.resolve(target, "the checkpoint's loss_fn", expected=nn.Module, trusted=trust)
             loss_kwargs = specs.build_from_file(kwargs, "the checkpoint's loss_fn", trust)
@@ -875,7 +921,9 @@ def _recorded_sample_settings(h: NNHandler, cfg: DictConfig, ctx: RunContext, pa
     given on the command line, else the one the training run used (its recorded run config's
     ``sample.*``, else its SampleGrid callback's), else the config's. So the samples of a run
     trained with ``experiment=...`` come out as its grids did (same solver, same black..white range)."""
-    recorded = dict((stored_metadata(path).get("run_config") or {}).get("sample") or {})
+    run_config = stored_metadata(path).get("run_config")
+    recorded = run_config.get("sample") if isinstance(run_config, dict) else None
+    recorded = dict(recorded) if isinstance(recorded, dict) else {}
     from nn_handler.callbacks import SampleGrid
 
     grid = next((cb for cb in h.callbacks if isinstance(cb, SampleGrid)), None)
@@ -887,13 +935,34 @@ def _recorded_sample_settings(h: NNHandler, cfg: DictConfig, ctx: RunContext, pa
             if stored is None and grid is not None:
                 stored = getattr(grid, key, None)
             if stored is not None:
-                value = stored
+                value = _recorded_sample_setting(key, stored, path)
         settings[key] = list(value) if key == "value_range" and value is not None else value
     inherited = {k: v for k, v in settings.items() if not ctx.given(f"sample.{k}") and v != cfg.sample[k]}
     if inherited and h.rank == 0:
         log.info("task=sample: as the training run sampled: %s (give sample.<key>=... to change)",
                  ", ".join(f"sample.{k}={v}" for k, v in inherited.items()))
     return settings
+
+
+def _recorded_sample_setting(key: str, value: Any, path: str) -> Any:
+    """A ``sample.<key>`` the checkpoint records, if sane: steps 1..MAX_RECORDED_STEPS, corrector
+    steps 0..MAX_RECORDED_STEPS, value_range two finite numbers; else a RunnerError asking for it."""
+    import math
+
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "value_range":
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    else:
+        low = 1 if key == "steps" else 0
+        ok = number and math.isfinite(value) and float(value).is_integer() and low <= value <= MAX_RECORDED_STEPS
+        value = int(value) if ok else value
+    if not ok:
+        rule = "two finite numbers [lo, hi]" if key == "value_range" else \
+            f"a whole number from {1 if key == 'steps' else 0} to {MAX_RECORDED_STEPS}"
+        raise RunnerError(f"the checkpoint {path} records sample.{key}={str(value)[:80]}, which is not used from a "
+                          f"file (it must be {rule}); give sample.{key}=... on the command line")
+    return value
 
 
 def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
@@ -910,8 +979,9 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     shape = _sample_shape(h, cfg, info)
     settings = _recorded_sample_settings(h, cfg, ctx, path)
     n, steps, corrector_steps = int(cfg.sample.n), int(settings["steps"]), int(settings["corrector_steps"])
-    if n < 1 or steps < 1:
-        raise RunnerError(f"sample.n and sample.steps must be >= 1, got {n} and {steps}")
+    if n < 1 or steps < 1 or corrector_steps < 0:
+        raise RunnerError(f"sample.n and sample.steps must be >= 1 and sample.corrector_steps >= 0, got {n}, "
+                          f"{steps} and {corrector_steps}")
     use_ema = not bool(cfg.load.skip_ema)
     h.eval()
     try:
@@ -977,9 +1047,42 @@ def diff_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     return result
 
 
+EXPORT_FILE = "model.safetensors"
+
+
+def export_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
+    """``h.export``: the checkpoint's model weights (the EMA weights when it has them, unless
+    ``export.ema=false``) as ``<run dir>/model.safetensors``, the model's spec in its metadata."""
+    path = checkpoint_path(cfg, ctx)
+    info = _info(path, cfg.checkpoint.path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path)
+    use_ema = bool(cfg.export.ema)
+    if info["kind"] == "handler":  # the model and its EMA weights only: nothing else is built
+        flags = {**_load_flags(cfg), "skip_optimizer": True, "skip_scheduler": True, "skip_history": True,
+                 "skip_callbacks": True, "skip_sampler_sde": True, "skip_ema": not use_ema}
+        extra = dict(model_class=choice.cls, model_kwargs=choice.kwargs) if choice.configured else {}
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
+            path, **flags, model_type=choice.model_type, **extra))
+    else:
+        h = _new_handler(choice.target, choice.kwargs, lambda: NNHandler.initialize_from_checkpoint(
+            path, choice.cls, model_type=choice.model_type, device=cfg.device, strict_load=bool(cfg.load.strict),
+            **choice.kwargs))
+    out = os.path.join(ctx.output_dir, EXPORT_FILE)
+    h.export(out, ema=use_ema)
+    weights = "ema" if use_ema and h.ema is not None else "live"
+    record: Dict[str, Any] = {"task": "export", "epoch": (info.get("progress") or {}).get("epoch"),
+                              "train_loss": None, "val_loss": None, "weights": weights, "world_size": h.world_size,
+                              "checkpoint_read": path, "checkpoint_written": out}
+    if h.rank == 0:
+        reporting.write_metrics(ctx.output_dir, record)
+        log.info("exported the %s weights of %s to %s", weights, path, out)
+        print(f"exported: {out}", flush=True)
+    return record
+
+
 TASKS: Dict[str, Callable[[DictConfig, RunContext], Dict[str, Any]]] = {
     "train": train, "resume": resume, "finetune": finetune, "infer": infer, "sample": sample_task,
-    "inspect": inspect_task, "diff": diff_task}
+    "inspect": inspect_task, "diff": diff_task, "export": export_task}
 # Tasks that train (and so save checkpoints, honour auto_resume and pre-emption).
 TRAINING_TASKS = ("train", "resume", "finetune")
 # Tasks that only read files: never started as distributed workers.

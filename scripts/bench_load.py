@@ -66,6 +66,7 @@ def _handler_for_step(h):
 
 def make_checkpoint(path: str) -> None:
     import torch
+
     from nn_handler import NNHandler
     from nn_handler.models import LinearStack
     torch.manual_seed(0)

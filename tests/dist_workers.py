@@ -109,6 +109,7 @@ def main(scenario: str, out: str, *args: str) -> None:
                         "expected_val_loss": expected_val}, os.path.join(out, f"rank{h.rank}.pt"))
     elif scenario == "sample":  # args: seed; h.sample with that seed, then with seed=None
         import helpers_generative as hg
+
         from nn_handler.sde import VPSDE
         torch.manual_seed(0)  # every rank alike: seed=None must still give the ranks different shares
         h = NNHandler(hg.ExactMixtureScore, device="cpu", model_type="score_based", **hg.SDE_KWARGS)
@@ -126,6 +127,7 @@ def main(scenario: str, out: str, *args: str) -> None:
         torch.save({"weights": h.module.state_dict()}, os.path.join(out, f"rank{h.rank}.pt"))
     elif scenario == "signal_one_rank":  # args: checkpoint dir; rank 1 alone gets SIGTERM at step 3
         import signal
+
         from nn_handler.callbacks import Callback
         from nn_handler.training import Preempted
 

@@ -18,18 +18,26 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import helpers_core as hc
 import pytest
 import torch
+from safety_helpers import FakeStorage, FakeTensor, Reducer, big_alloc, forge_archive, forged_pickle, mapped_from, rezip
 
-import helpers_core as hc
 from nn_handler import NNHandler
-from nn_handler.checkpointing import (CheckpointError, CorruptCheckpointError, NotACheckpointError,
-                                      UnsafeCheckpointError, diff, find_latest, inspect, read_checkpoint, read_info)
+from nn_handler.checkpointing import (
+    CheckpointError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UnsafeCheckpointError,
+    diff,
+    find_latest,
+    inspect,
+    pickle_scan,
+    read_checkpoint,
+    read_info,
+)
 from nn_handler.checkpointing import io as ckpt_io
-from nn_handler.checkpointing import pickle_scan
 from nn_handler.models import MLP
-from safety_helpers import (FakeStorage, FakeTensor, Reducer, big_alloc, forge_archive, forged_pickle, mapped_from,
-                            rezip)
 
 TESTS = Path(__file__).resolve().parent
 FLOATS = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)

@@ -6,11 +6,11 @@ import os
 import warnings
 from pathlib import Path
 
+import helpers_core as hc
+import helpers_generative as hg
 import pytest
 import torch
 
-import helpers_core as hc
-import helpers_generative as hg
 from nn_handler import ModelType, NNHandler, NNHandlerWarning
 from nn_handler.callbacks import Callback, EarlyStopping, LearningRateLogger, ModelCheckpoint, SampleGrid
 from nn_handler.plotting import save_samples_png

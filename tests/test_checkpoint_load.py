@@ -1,14 +1,13 @@
 """NNHandler.load / initialize_from_checkpoint: exact resume, skip flags, strictness, prefixes, file contents."""
 from __future__ import annotations
 
-import math
 import warnings
 
+import helpers_core as hc
 import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR
 
-import helpers_core as hc
 from nn_handler import ModelType, NNHandler, NNHandlerWarning
 from nn_handler.checkpointing import CheckpointError, initialize_from_checkpoint, load
 from nn_handler.ema import EMA

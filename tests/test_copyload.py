@@ -4,12 +4,10 @@ import random
 
 import pytest
 import torch
-
-from nn_handler.checkpointing import CorruptCheckpointError, read_checkpoint
-from nn_handler.checkpointing import copyload
-from nn_handler.checkpointing import io as ckpt_io
-
 from safety_helpers import mapped_from
+
+from nn_handler.checkpointing import CorruptCheckpointError, copyload, read_checkpoint
+from nn_handler.checkpointing import io as ckpt_io
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import helpers_core as hc
+import helpers_generative as hg
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-import helpers_core as hc
-import helpers_generative as hg
 from nn_handler import NNHandler
 from nn_handler.training import evaluate
 

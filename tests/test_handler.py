@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import warnings
 
+import helpers_core as hc
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import helpers_core as hc
 from nn_handler import LoggingMode, ModelType, NNHandler, NNHandlerWarning
 from nn_handler.callbacks import Callback
 from nn_handler.datasets import synthetic_classification

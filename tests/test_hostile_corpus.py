@@ -30,10 +30,27 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
+from hostile_helpers import (
+    ATTACK,
+    ATTACKS,
+    BOMB_CHILD,
+    MODEL_KWARGS,
+    SLOTS,
+    Bomb,
+    Scene,
+    build_base,
+    build_generative,
+    forged,
+    forget_modules,
+    poisoned,
+    read_state,
+    setup_py,
+    snapshot,
+    targets_in,
+    user_package,
+    write_forged,
+)
 
-from hostile_helpers import (ATTACK, ATTACKS, BOMB_CHILD, MODEL_KWARGS, SLOTS, Bomb, Scene, build_base,
-                             build_generative, forged, forget_modules, poisoned, read_state, setup_py, snapshot,
-                             targets_in, user_package, write_forged)
 from nn_handler import NNHandler
 from nn_handler.checkpointing import CheckpointError, UnsafeCheckpointError, diff, find_latest, inspect, read_info
 from nn_handler.models import MLP

@@ -1,7 +1,6 @@
 """inspect() and diff(): what a checkpoint records, read without building anything."""
 import json
 
-import pytest
 import torch
 
 from nn_handler import NNHandler

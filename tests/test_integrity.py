@@ -12,15 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safety_helpers import Payload, mapped_from
 
 from nn_handler import NNHandler
-from nn_handler.checkpointing import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError,
-                                      NotACheckpointError, UnsafeCheckpointError, initialize_from_checkpoint,
-                                      read_checkpoint)
+from nn_handler.checkpointing import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NotACheckpointError,
+    UnsafeCheckpointError,
+    initialize_from_checkpoint,
+    read_checkpoint,
+)
 from nn_handler.checkpointing import io as ckpt_io
 from nn_handler.models import MLP
-
-from safety_helpers import Payload, mapped_from
 
 DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 64, "in_features": 8, "num_classes": 3}
 

@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
+import helpers_core as hc
+import helpers_generative as hg
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import helpers_core as hc
-import helpers_generative as hg
 from nn_handler import NNHandler
 from nn_handler.callbacks import ModelCheckpoint
 from nn_handler.checkpointing import atomic_save
@@ -410,7 +410,8 @@ def test_the_runner_keeps_a_forged_checkpoints_paths_inside_the_new_run(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (outside / "victim.txt").read_bytes() == VICTIM_TEXT
     assert snapshot(tmp_path, skip=run) == before
-    assert (run / "checkpoints" / "victim.txt").is_file()  # the callback's files went into this run
+    # the callback's files went into this run, under the default name ("victim.txt" is no checkpoint name)
+    assert (run / "checkpoints" / "epoch002.pt").is_file() and not (run / "checkpoints" / "victim.txt").exists()
     output = proc.stdout + proc.stderr
     assert "dropped" in output and str(outside / "victim.txt") in output
     assert f"clamped to {max_workers()}" in output

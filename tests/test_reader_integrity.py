@@ -21,9 +21,19 @@ import torch
 
 from nn_handler import NNHandler
 from nn_handler.callbacks import EarlyStopping, LearningRateLogger
-from nn_handler.checkpointing import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError,
-                                      NoCheckpointFound, atomic_save, diff, find_latest, initialize_from_checkpoint,
-                                      inspect, read_info, resolve_checkpoint)
+from nn_handler.checkpointing import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NoCheckpointFound,
+    atomic_save,
+    diff,
+    find_latest,
+    initialize_from_checkpoint,
+    inspect,
+    read_info,
+    resolve_checkpoint,
+)
 from nn_handler.checkpointing.store import _recorded_score
 from nn_handler.metrics import accuracy
 from nn_handler.models import MLP

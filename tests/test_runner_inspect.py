@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from test_runner import assert_clean_error, metrics, ok, run_cli
 
 from nn_handler.checkpointing import inspect
 from nn_handler.models import MLP
 from runner.inspection import format_diff, format_inspect
-from test_runner import assert_clean_error, metrics, ok, run_cli
 
 TINY = ["data=synthetic", "model.hidden=[16]", "train.epochs=1", "train.progress_bar=false"]
 CKPT = "checkpoints/last.pth"

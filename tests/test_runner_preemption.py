@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-
 from test_runner import metrics, ok, run_cli
 
 # ~1,000 steps of batch 2 per epoch (a second or two), a step checkpoint every 200 steps.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import matplotlib.image
 import torch
-
 from test_runner import metrics, ok, run_cli
 
 TINY_SCORE = ["experiment=digits_score", "train.epochs=2", "model.hidden=32", "model.layers=1",

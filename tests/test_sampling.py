@@ -2,12 +2,11 @@
 custom samplers, GENERATIVE models, and exact resume of a score-based run with EMA."""
 from __future__ import annotations
 
-
+import helpers_core as hc
+import helpers_generative as hg
 import pytest
 import torch
 
-import helpers_core as hc
-import helpers_generative as hg
 from nn_handler import ModelType, NNHandler
 from nn_handler.sampler import EulerMaruyama, Sampler
 from nn_handler.sde import VPSDE

@@ -2,13 +2,13 @@
 every rank gets all samples, in order."""
 from __future__ import annotations
 
+import helpers_generative as hg
 import pytest
 import torch
+from test_distributed import ok, ranks, torchrun
 
-import helpers_generative as hg
 from nn_handler import ModelType, NNHandler
 from nn_handler.sde import VPSDE
-from test_distributed import ok, ranks, torchrun
 
 pytestmark = pytest.mark.distributed
 

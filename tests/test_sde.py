@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import math
 
+import helpers_generative as hg
 import pytest
 import torch
 
 from nn_handler import ModelType, NNHandler
-from nn_handler.sde import SDE, SubVPSDE, VESDE, VPSDE
 from nn_handler.losses import denoising_score_matching
-
-import helpers_generative as hg
+from nn_handler.sde import SDE, VESDE, VPSDE, SubVPSDE
 
 one_thread = pytest.fixture(scope="module", autouse=True)(hg.one_thread_fixture)
 

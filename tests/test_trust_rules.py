@@ -17,7 +17,8 @@ from torch import nn
 
 from nn_handler import NNHandler, specs
 from nn_handler.callbacks import Callback
-from nn_handler.checkpointing import UnsafeCheckpointError, io as ckpt_io
+from nn_handler.checkpointing import UnsafeCheckpointError
+from nn_handler.checkpointing import io as ckpt_io
 from nn_handler.models import MLP
 
 ROUTES = [

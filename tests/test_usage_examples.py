@@ -5,10 +5,10 @@ the suite fast; the calls are the documented ones, keyword for keyword.
 """
 from __future__ import annotations
 
-import torch
-
 import helpers_core as hc
+import torch
 from helpers_core import YourModel
+
 from nn_handler import NNHandler
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from .base import Callback
 from ._monitor import better, check_mode, monitored
+from .base import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler

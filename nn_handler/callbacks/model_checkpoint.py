@@ -8,8 +8,8 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Pattern
 
-from .base import Callback
 from ._monitor import better, check_mode, monitored
+from .base import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -36,8 +36,13 @@ class ModelCheckpoint(Callback):
     file records (``dirpath``, ``filename``, ``last_filename``, the ``best_k_models`` keys)
     are honoured only inside the directory the checkpoint was loaded from (the runner: the
     run's output directory); anything else is dropped, with one warning naming it, before
-    the callback writes or deletes anything. A value the caller sets after ``load`` is the
-    caller's own and is honoured as given.
+    the callback writes or deletes anything. A recorded file name must end in ``.pt``,
+    ``.pth`` or ``.ckpt``, and a recorded ``filename`` may hold only plain fields with short
+    number formats (``{epoch:03d}``, ``{val_loss:.4f}``; no ``!r``, nested fields or wide
+    paddings). A confined callback never writes over an existing file that is not an intact
+    nn_handler checkpoint (it warns once; the last file goes to ``last.pt`` instead, a ranked
+    one is not written). A value the caller sets after ``load`` is the caller's own and is
+    honoured as given.
     """
 
     def __init__(self, dirpath: str = "checkpoints", filename: str = "epoch{epoch:03d}.pt",
@@ -68,6 +73,7 @@ class ModelCheckpoint(Callback):
         self._recorded: Optional[Dict[str, Any]] = None
         self._settled = True
         self._refused: set = set()  # paths already warned about (one warning each)
+        self._refused_writes: set = set()
 
     # ------------------------------------------------------------------ confinement
     def confine_paths(self, root: Any, fallback: Any = None) -> None:
@@ -190,8 +196,13 @@ class ModelCheckpoint(Callback):
             else:
                 self._save_ranked(handler, score, self._path(handler, logs))
         if self.save_last:
-            self.last_model_path = os.path.join(self.dirpath, self.last_filename)
-            handler.save(self.last_model_path)
+            path = os.path.join(self.dirpath, self.last_filename)
+            if not self._may_replace(handler, path):
+                fallback = os.path.join(self.dirpath, _DEFAULT_LAST)
+                path = fallback if fallback != path and self._may_replace(handler, fallback) else None
+            if path is not None:
+                self.last_model_path = path
+                handler.save(path)
 
     def _path(self, handler: "NNHandler", logs: Dict[str, float]) -> str:
         values = {**{k: float(v) for k, v in logs.items()}, "epoch": handler.epoch, "step": handler.global_step}
@@ -205,7 +216,33 @@ class ModelCheckpoint(Callback):
                              f"file name in {self.dirpath}")
         return os.path.join(self.dirpath, name)
 
+    def _may_replace(self, handler: "NNHandler", path: str) -> bool:
+        """Whether this callback may write ``path``. Confined (restored from a file, or run by the
+        runner), it never replaces an existing entry that is not an intact nn_handler checkpoint
+        (a user's notes, another tool's file, a link, a directory): one warning names it."""
+        if self._root is None or not os.path.lexists(path):
+            return True
+        problem = None
+        if os.path.islink(path) or not os.path.isfile(path):
+            problem = "it is not a regular file"
+        else:
+            from ..checkpointing.io import read_trailer
+            try:
+                if read_trailer(path) is None:
+                    problem = "it carries no nn_handler checksum trailer"
+            except Exception as exc:  # damaged, foreign, unreadable: not ours to replace
+                problem = f"it is not an intact nn_handler checkpoint ({type(exc).__name__})"
+        if problem is None:
+            return True
+        if path not in self._refused_writes:
+            self._refused_writes.add(path)
+            handler._warn(f"ModelCheckpoint: not writing over {path}: {problem}, so it is not a checkpoint this "
+                          f"callback wrote")
+        return False
+
     def _save_ranked(self, handler: "NNHandler", score: float, path: str) -> None:
+        if not self._may_replace(handler, path):
+            return
         best = self.best_k_models
         if self.save_top_k > 0 and path not in best and len(best) >= self.save_top_k:
             worst = self._worst()
@@ -283,15 +320,45 @@ def _name_problem(name: Any) -> Optional[str]:
 
 
 def _template_problem(template: Any, formatted: bool) -> Optional[str]:
+    """Why a recorded ``filename``/``last_filename`` is not one this callback writes (None: it is)."""
     problem = _name_problem(template)
-    if problem is None and formatted:
-        try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-        except ValueError:
-            return "not a valid format template"
-        if not all(_PLAIN_FIELD.fullmatch(field) for field in fields):  # no {x.attr} or {x[i]} from a file
-            problem = "a template field that is not a plain name"
+    if problem is None and not template.lower().endswith(CHECKPOINT_SUFFIXES):
+        problem = f"not a checkpoint file name (it must end in {', '.join(CHECKPOINT_SUFFIXES)})"
+    if problem is None and formatted:  # (last_filename is used as it is: its braces are literal)
+        problem = field_problem(template, _INT_FIELDS)
     return problem
+
+
+# What a template read from a file may hold (ModelCheckpoint's and SampleGrid's): plain field names,
+# no conversion (!r, !s, !a), no nested field, and only a short spec: an integer (epoch, step) as
+# ``d`` with a width of at most two digits, any value as a fixed/exponent/general float with at
+# most two digits of width and precision. So a formatted name is at most a few hundred characters.
+_INT_SPEC = re.compile(r"0?\d{0,2}d?")
+_FLOAT_SPEC = re.compile(r"0?\d{0,2}(?:\.\d{1,2})?[fFeEgG]?")
+_INT_FIELDS = ("epoch", "step")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def field_problem(template: str, allowed: Any, any_name: bool = True) -> Optional[str]:
+    """Why ``template``'s format fields are not all short and plain (None: they are).
+
+    ``allowed``: the integer fields (``d`` allowed); with ``any_name`` other plain names are
+    accepted too (float specs only), otherwise only the ``allowed`` ones."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return "not a valid format template"
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not _PLAIN_FIELD.fullmatch(field) or (not any_name and field not in allowed):
+            return f"a template field {field!r} that is not allowed"  # no {x.attr} or {x[i]} from a file
+        if conversion is not None:
+            return f"a conversion !{conversion} in the field {field!r}"
+        spec = spec or ""
+        if not (_FLOAT_SPEC.fullmatch(spec) or (field in allowed and _INT_SPEC.fullmatch(spec))):
+            return f"a format spec {spec[:40]!r} in the field {field!r} that is not a short number format"
+    return None
 
 
 def _name_pattern(template: Any) -> Optional[Pattern[str]]:

@@ -1,25 +1,46 @@
 """SampleGrid: a PNG of samples from a generative model every N epochs."""
 from __future__ import annotations
 
+import math
+import operator
 import os
-import string
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from .base import Callback
+from .model_checkpoint import field_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
 
 
 def _plain_filename(name: Any) -> bool:
-    """A file name with no directory part whose only format field is ``{epoch}`` (with a spec)."""
-    if not isinstance(name, str) or not name or "/" in name or os.sep in name or ".." in name or "\0" in name:
+    """A ``.png`` file name with no directory part whose only format field is ``{epoch}``, with at
+    most a short number format (``{epoch:03d}``; no conversion, nested field or wide padding)."""
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name or ".." in name or "\0" in name \
+            or "\\" in name or not name.lower().endswith(".png"):
         return False
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(name) if f is not None]
-    except ValueError:
-        return False
-    return all(f == "epoch" for f in fields)
+    return field_problem(name, ("epoch",), any_name=False) is None
+
+
+# Bounds on what one picture may cost (a SampleGrid's settings can come from a file).
+MAX_SAMPLES = 4096
+MAX_ELEMENTS = 2 ** 26
+MAX_STEPS = 100_000
+MAX_DIMS = 8
+
+
+def _count(value: Any, name: str, low: int, high: int) -> int:
+    """``value`` as an int in ``low..high``, else a ValueError naming it."""
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            if isinstance(value, float) and value.is_integer():
+                number = int(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"SampleGrid: {name} must be an integer from {low} to {high}, got {str(value)[:80]}")
+    return number
 
 
 class SampleGrid(Callback):
@@ -31,27 +52,39 @@ class SampleGrid(Callback):
     model's progress and the training's random streams are not touched (seed=None draws
     from them). The EMA weights are used when EMA is on. Under DDP every rank samples its
     share and rank 0 writes ``dirpath/filename`` (``{epoch}``: epochs done, from 1).
+
+    The settings are bounded, as they may come from a file: ``n`` at most 4096, ``n`` times
+    the sample's size at most 2**26 elements, ``steps`` and ``corrector_steps`` at most
+    100,000, ``nrow`` at most ``n``; anything else is a ValueError naming the value.
     """
 
     def __init__(self, sample_shape: Sequence[int], every_n_epochs: int = 5, n: int = 64, steps: int = 200,
                  corrector_steps: int = 0, seed: Optional[int] = 0, dirpath: str = "samples",
                  filename: str = "samples_epoch{epoch:03d}.png", value_range: Optional[Sequence[float]] = None,
                  nrow: Optional[int] = None):
-        if int(every_n_epochs) < 1 or int(n) < 1 or int(steps) < 1:
-            raise ValueError(f"SampleGrid: every_n_epochs, n and steps must be >= 1, got "
-                             f"{every_n_epochs!r}, {n!r}, {steps!r}")
-        self.sample_shape = [int(d) for d in sample_shape]
-        self.every_n_epochs = int(every_n_epochs)
-        self.n = int(n)
-        self.steps = int(steps)
-        self.corrector_steps = int(corrector_steps)
+        self.every_n_epochs = _count(every_n_epochs, "every_n_epochs", 1, 2 ** 31)
+        self.n = _count(n, "n", 1, MAX_SAMPLES)
+        self.steps = _count(steps, "steps", 1, MAX_STEPS)
+        self.corrector_steps = _count(corrector_steps, "corrector_steps", 0, MAX_STEPS)
+        if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence) \
+                or not 1 <= len(sample_shape) <= MAX_DIMS:
+            raise ValueError(f"SampleGrid: sample_shape must be a list of 1 to {MAX_DIMS} sizes, got "
+                             f"{str(sample_shape)[:80]}")
+        self.sample_shape = [_count(d, "each sample_shape size", 1, MAX_ELEMENTS) for d in sample_shape]
+        elements = self.n * math.prod(self.sample_shape)
+        if elements > MAX_ELEMENTS:
+            raise ValueError(f"SampleGrid: n * prod(sample_shape) must be at most {MAX_ELEMENTS} elements, got "
+                             f"{self.n} x {self.sample_shape} = {elements}")
+        self.nrow = None if nrow is None else _count(nrow, "nrow", 1, self.n)
         self.seed = seed
         self.dirpath = os.fspath(dirpath)
         if "dirpath" in self._init_kwargs:  # a pathlib.Path is recorded as the plain string it names
             self._init_kwargs["dirpath"] = self.dirpath
         self.filename = filename
+        if value_range is not None and (isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence)
+                                        or len(value_range) != 2):
+            raise ValueError(f"SampleGrid: value_range must be None or [lo, hi], got {str(value_range)[:80]}")
         self.value_range = None if value_range is None else [float(v) for v in value_range]
-        self.nrow = nrow
         self.written: List[str] = []
         self._root: Optional[str] = None  # set by confine_paths when restored from a file
         self._recorded: Optional[Dict[str, str]] = None

@@ -12,28 +12,42 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import distributed, rng
+from .. import distributed
+from ..enums import ModelType, coerce_model_type
+from ..handler import prebuilt_module
 from ..specs import plain_problem
 from ..specs import split as specs_split
-from ..enums import ModelType, coerce_model_type
 from . import format as _format
 from . import io as _io
-from .errors import (CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError,
-                     UnsafeCheckpointError)
+from .copyload import read_copied
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NotACheckpointError,
+    UnsafeCheckpointError,
+)
+from .fastload import build_module_from_weights
 from .inspect import diff, inspect
 from .io import atomic_save, check_readable_file, file_checksum, safe_load, verify
-from .copyload import read_copied
-from .fastload import build_module_from_weights
-from .state import canonical_state_dict, dump, load_model_weights, rank_state, recorded_model_problem, resolve_recorded_model, restore
+from .state import (
+    canonical_state_dict,
+    dump,
+    load_model_weights,
+    rank_state,
+    recorded_model_problem,
+    resolve_recorded_model,
+    restore,
+)
 from .store import CheckpointStore, NoCheckpointFound, find_latest, resolve_checkpoint
-from ..handler import prebuilt_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
 
 __all__ = [
     "load", "initialize_from_checkpoint", "save", "read_info", "read_checkpoint", "inspect", "diff", "file_checksum",
-    "resolve_recorded_model", "recorded_model_problem", "CheckpointStore", "find_latest", "resolve_checkpoint", "NoCheckpointFound",
+    "resolve_recorded_model", "recorded_model_problem", "CheckpointStore", "find_latest", "resolve_checkpoint",
+    "NoCheckpointFound",
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -298,7 +312,25 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
     info = distributed.setup(None)  # join the job first, so that all ranks can agree on the outcome
     target = distributed.resolve_device(device, info)
     path_str = os.fspath(path)
+    from .. import interop
+    if interop.is_safetensors(path):  # weights only (an export records its model): nothing else to restore
+        found = interop.read_weights(path, target, info, _read)
+        return _from_weights(handler_class, path_str, found, model_class, model_type, target, strict_load, None,
+                             trusted_packages, dict(model_kwargs or {}), info)
     obj = _read(path, target, info, keep_mapped=mmap)  # raises on every rank if the file fails on any
+    if not _format.is_handler_state(obj) and interop.holds_weights(obj):
+        found, error = None, None  # another tool's weights file (Lightning, {"state_dict": ...}): its weights
+        try:
+            if model_class is None:
+                raise NotACheckpointError(path_str, "this file holds model weights but no handler state (it was not "
+                                                    "written by NNHandler.save): pass model_class= (and model_kwargs=) "
+                                                    "to load its weights, or use NNHandler.initialize_from_checkpoint")
+            found = interop.weights_of(obj, path_str)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
+        return _from_weights(handler_class, path_str, found, model_class, model_type, target, strict_load, None,
+                             trusted_packages, dict(model_kwargs or {}), info)
     state, error = None, None
     try:
         state = _format.check_and_migrate(obj, path_str)
@@ -320,38 +352,39 @@ def load(handler_class: type, path: PathLike, device: DeviceLike = None, strict_
     return handler
 
 
-def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, model_class: type,
+def initialize_from_checkpoint(handler_class: type, checkpoint_path: PathLike, model_class: Optional[type] = None,
                                model_type: Optional[Union[ModelType, str]] = None, device: DeviceLike = None,
-                               strict_load: bool = True, **model_kwargs: Any) -> "NNHandler":
+                               strict_load: bool = True, *, prefix: Optional[str] = None,
+                               trusted_packages: Sequence[str] = (), **model_kwargs: Any) -> "NNHandler":
     """A new handler whose model has only the weights from ``checkpoint_path``.
 
-    The file is a bare state_dict or a dict with ``model_state_dict`` (a handler file);
-    optimizer, scheduler, history and the rest are not loaded. A handler file of a newer format
-    version than this library reads is refused, as ``load`` refuses it (IncompatibleCheckpointError).
+    The file is a handler file, a bare state_dict, a dict with ``model_state_dict``,
+    ``state_dict`` (a PyTorch Lightning checkpoint: its LightningModule attribute prefix such
+    as ``model.`` is removed, or the weights under ``prefix=`` are taken) or ``model``, or a
+    safetensors file (``nn_handler.interop``); optimizer, scheduler, history and the rest are
+    not loaded. Without ``model_class`` the model the file records (a handler file or an
+    ``export``) is rebuilt under ``load``'s trust rules (``trusted_packages`` widens them). A
+    handler file of a newer format version than this library reads is refused, as ``load``
+    refuses it (IncompatibleCheckpointError).
     """
+    from .. import interop
     info = distributed.setup(None)
     target = distributed.resolve_device(device, info)
-    path_str = os.fspath(checkpoint_path)
-    obj = _read(checkpoint_path, target, info)  # raises on every rank if the file fails on any
-    weights, error = None, None
-    try:
-        if _format.is_handler_state(obj):  # a handler file: its format version must be one this library reads
-            obj = _format.check_and_migrate(obj, path_str)
-        if isinstance(obj, dict) and isinstance(obj.get(_format.MODEL_STATE), dict):
-            weights = obj[_format.MODEL_STATE]
-        elif isinstance(obj, dict) and _format._looks_like_state_dict(obj):
-            weights = obj
-        else:
-            raise NotACheckpointError(path_str, "no model weights found: expected a state_dict or a dict with "
-                                                f"'{_format.MODEL_STATE}'")
-        odd = [k for k in weights if not isinstance(k, str)]
-        if odd:
-            raise _format.malformed(path_str, _format.MODEL_STATE, odd[0], "a state_dict with string keys")
-    except Exception as exc:
-        error = exc
-    distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
+    found = interop.read_weights(checkpoint_path, target, info, _read)  # raises on every rank if any fails
+    return _from_weights(handler_class, os.fspath(checkpoint_path), found, model_class, model_type, target,
+                         strict_load, prefix, trusted_packages, model_kwargs, info)
+
+
+def _from_weights(handler_class: type, path_str: str, found: Any, model_class: Any, model_type: Any,
+                  target: torch.device, strict_load: bool, prefix: Optional[str], trusted_packages: Sequence[str],
+                  model_kwargs: Dict[str, Any], info: "distributed.DistInfo") -> "NNHandler":
+    """A handler holding ``found``'s weights (``interop.FoundWeights``), every rank agreeing on the outcome."""
+    from .. import interop
     handler, error = None, None
     try:
+        model_class, model_kwargs, model_type = interop.model_for(handler_class, found, model_class, model_kwargs,
+                                                                  model_type, trusted_packages, path_str)
+        weights = interop.select_weights(found, prefix, model_class, model_kwargs, path_str)
         module = build_module_from_weights(model_class, model_kwargs, canonical_state_dict(weights), target)
         with prebuilt_module(module):
             handler = handler_class(model_class, device=target, model_type=coerce_model_type(model_type),

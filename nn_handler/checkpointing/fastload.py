@@ -16,12 +16,11 @@ fastest, for files nothing rewrites in place.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
-
 import ctypes
 import mmap as _mmap
 import sys
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn

@@ -35,7 +35,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import crc32c
 import torch
@@ -207,28 +207,45 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     ``path`` in one rename; the directory is fsynced after. On any error the temporary
     file is removed and the previous checkpoint is untouched.
     """
-    path = Path(path)
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot create the directory for checkpoint {path}: {exc.strerror}") from exc
-    _clean_stale_temporaries(path)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror}") from exc
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
-        with os.fdopen(fd, "w+b") as f:
+    def write(fd: int, tmp_name: str) -> None:
+        with os.fdopen(fd, "w+b", closefd=False) as f:
             if _WRITE_CHECKSUMS:
                 _save_with_trailer(obj, f)
             else:
                 torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+
+    return atomic_write(path, write, "checkpoint ")
+
+
+def atomic_write(path: PathLike, write: Callable[[int, str], None], what: str = "") -> Path:
+    """Create or replace ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    ``write(fd, tmp_name)`` fills a temporary file in the same directory (created with the usual
+    permissions); it is then fsynced, renamed over ``path``, and the directory fsynced. On any
+    error the temporary file is removed and an ``OSError`` names ``path`` and says the previous
+    file is intact. ``what`` prefixes the path in messages ("checkpoint ").
+    """
+    path = Path(path)
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create the directory for {what}{path}: {exc.strerror}") from exc
+    _clean_stale_temporaries(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {what}{path}: {exc.strerror}") from exc
+    try:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
+            write(fd, tmp_name)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, path)
     except BaseException as exc:
         try:
@@ -236,7 +253,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         except OSError:
             pass
         if isinstance(exc, OSError) and exc.errno is not None:
-            raise OSError(exc.errno, f"writing checkpoint {path} failed: {exc.strerror}; "
+            raise OSError(exc.errno, f"writing {what}{path} failed: {exc.strerror}; "
                                      f"the previous file at that path is intact") from exc
         raise
     _fsync_dir(directory)
