@@ -235,6 +235,9 @@ def test_a_group_that_cannot_form_fails_the_attempt_within_the_bound(tmp_path, r
 
 
 # ---------------------------------------------------------------------------- clean exit
+RUNS = 3  # the abort seen in 5 of 16 runs before: 3 clean runs in a row is the regression guard
+
+
 def test_a_load_script_under_torchrun_exits_0_every_time(tmp_path):
     from nn_handler import NNHandler
     from nn_handler.models import MLP
@@ -245,11 +248,11 @@ def test_a_load_script_under_torchrun_exits_0_every_time(tmp_path):
     path = tmp_path / "model.pth"
     h.save(path)
     codes = []
-    for attempt in range(3):
+    for attempt in range(RUNS):
         proc = subprocess.run(_torchrun(str(HERE / "cluster_load_script.py"), str(path)), cwd=tmp_path, env=_env(),
                               capture_output=True, text=True, timeout=90)
         codes.append(proc.returncode)
         assert proc.returncode == 0, f"run {attempt}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert proc.stdout.count("LOADED") == 2, proc.stdout
         assert "terminate called" not in proc.stderr
-    assert codes == [0] * 5
+    assert codes == [0] * RUNS
