@@ -91,6 +91,7 @@ MAX_PREFETCH_FACTOR = 64
 MAX_TIMEOUT_S = 24 * 3600.0
 _DEVICE_NAME = re.compile(r"[a-z_]{1,16}(:\d{1,4})?")
 _FLAGS = ("shuffle", "pin_memory", "drop_last", "persistent_workers", "in_order")
+_POSITIVE_INTS = {"batch_size": MAX_BATCH_SIZE, "prefetch_factor": MAX_PREFETCH_FACTOR}
 
 
 def _is_int(value: Any) -> bool:
@@ -144,11 +145,12 @@ def bounded_loader_options(options: Any, where: str,
                 kept[key] = value
             else:
                 drop(key, value, "not a bool")
-        elif key == "batch_size":
-            if value is None or (_is_int(value) and 1 <= value <= MAX_BATCH_SIZE):
+        elif key in _POSITIVE_INTS:  # batch_size, prefetch_factor: None or an int from 1 to the bound
+            top = _POSITIVE_INTS[key]
+            if value is None or (_is_int(value) and 1 <= value <= top):
                 kept[key] = value
             else:
-                drop(key, value, f"not an int from 1 to {MAX_BATCH_SIZE} or None")
+                drop(key, value, f"not an int from 1 to {top} or None")
         elif key == "num_workers":
             if not _is_int(value) or value < 0:
                 drop(key, value, "not an int >= 0")
@@ -157,11 +159,6 @@ def bounded_loader_options(options: Any, where: str,
                 notes.append(f"num_workers={value} clamped to {max_workers()} (the CPU count)")
             else:
                 kept[key] = value
-        elif key == "prefetch_factor":
-            if value is None or (_is_int(value) and 1 <= value <= MAX_PREFETCH_FACTOR):
-                kept[key] = value
-            else:
-                drop(key, value, f"not an int from 1 to {MAX_PREFETCH_FACTOR} or None")
         elif key == "timeout":
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
                     and 0 <= value <= MAX_TIMEOUT_S:

@@ -265,7 +265,8 @@ def _kinds(expected: Any) -> Tuple[type, ...]:
     return expected if isinstance(expected, tuple) else ((expected,) if expected is not None else ())
 
 
-def _refuse(path: str, what: str, why: str) -> UntrustedTarget:
+def refusal(path: str, what: str, why: str) -> UntrustedTarget:
+    """The UntrustedTarget for ``path`` in slot ``what``, naming the package to trust where one can be."""
     top = path.split(".", 1)[0]
     package = top if _IDENTIFIER.match(top) and top not in ("torch", "nn_handler") \
         and top not in sys.stdlib_module_names else None
@@ -290,11 +291,11 @@ def resolve(path: str, what: str, *, expected: Any = None, functions: bool = Tru
         return obj
     trust = Trust.of(trusted)
     if not isinstance(path, str) or not path:
-        raise _refuse(repr(path), what, "not a dotted import path")
+        raise refusal(repr(path), what, "not a dotted import path")
     path = RENAMED.get(path, path)
     parts = path.split(".")
     if len(parts) < 2 or not all(_IDENTIFIER.match(p) for p in parts):
-        raise _refuse(path, what, "not a dotted import path")
+        raise refusal(path, what, "not a dotted import path")
     obj, module_name = None, None
     for cut in range(len(parts) - 1, 0, -1):
         candidate = ".".join(parts[:cut])
@@ -311,38 +312,38 @@ def resolve(path: str, what: str, *, expected: Any = None, functions: bool = Tru
         module_name = candidate
         break
     if module_name is None:
-        raise _refuse(path, what, "it is not defined in a trusted module")
+        raise refusal(path, what, "it is not defined in a trusted module")
     attrs = parts[len(module_name.split(".")):]
     for attr in attrs:
         if attr.startswith("_"):
-            raise _refuse(path, what, f"{attr!r} is a private name")
+            raise refusal(path, what, f"{attr!r} is a private name")
         try:
             obj = getattr(obj, attr)
         except AttributeError:
             if not _trusted_module(module_name, trust):  # imported only as a trusted module's parent
-                raise _refuse(path, what, "it is not defined in a trusted module") from None
+                raise refusal(path, what, "it is not defined in a trusted module") from None
             if isinstance(obj, types.ModuleType) and hasattr(obj, "__path__"):  # maybe a submodule not imported
-                raise _refuse(path, what, f"{obj.__name__}.{attr} is not defined in {obj.__name__!r}") from None
+                raise refusal(path, what, f"{obj.__name__}.{attr} is not defined in {obj.__name__!r}") from None
             raise SpecError(f"{what}: cannot import {path!r}: {module_name!r} has no attribute path "
                             f"{'.'.join(attrs)!r}") from None
         if isinstance(obj, types.ModuleType):
-            raise _refuse(path, what, f"it goes through the module {obj.__name__!r}, not one defined in "
+            raise refusal(path, what, f"it goes through the module {obj.__name__!r}, not one defined in "
                                       f"{module_name!r}")
     is_class = isinstance(obj, type)
     is_function = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)) or (
         isinstance(obj, types.MethodType) and isinstance(obj.__self__, type))
     if not (is_class or is_function):
-        raise _refuse(path, what, f"it is a {type(obj).__name__} object, not a class or a function")
+        raise refusal(path, what, f"it is a {type(obj).__name__} object, not a class or a function")
     if isinstance(obj, types.FunctionType) and "." in getattr(obj, "__qualname__", ""):
         # A plain function reached through a class is an unbound method (Module.register_forward_hook):
         # never a component.
-        raise _refuse(path, what, "it is a method of a class, not a class or a function of its own")
+        raise refusal(path, what, "it is a method of a class, not a class or a function of its own")
     if not _defined_in_trusted(obj, trust):
-        raise _refuse(path, what, f"it is defined in {getattr(obj, '__module__', None)!r}, not in a trusted module")
+        raise refusal(path, what, f"it is defined in {getattr(obj, '__module__', None)!r}, not in a trusted module")
     if is_class and kinds and not issubclass(obj, kinds):
-        raise _refuse(path, what, f"{_kind_names(kinds)} subclass is expected here")
+        raise refusal(path, what, f"{_kind_names(kinds)} subclass is expected here")
     if is_function and not functions:
-        raise _refuse(path, what, f"a class is expected here ({_kind_names(kinds)} subclass), "
+        raise refusal(path, what, f"a class is expected here ({_kind_names(kinds)} subclass), "
                                   "not a function")
     return obj
 

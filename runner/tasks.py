@@ -419,7 +419,8 @@ def _trusted_packages(cfg: DictConfig) -> List[str]:
     found = set(PRESET_MODULES) | {str(name) for name in cfg.load.trusted_packages or ()}
     for target in _config_targets(cfg):
         found.add(target)
-        path, _ = specs.import_path_of(_defined_as(target)) if _defined_as(target) is not None else (None, None)
+        obj = _defined_as(target)
+        path = specs.import_path_of(obj)[0] if obj is not None else None
         if path:
             found.add(path)
     return sorted(found)

@@ -162,26 +162,27 @@ def _check_metadata(args: tuple, at: int) -> None:
 def _rebuild_tensor_v2(args: tuple) -> Any:
     if len(args) not in (6, 7):
         raise _Bad("a tensor rebuild with the wrong number of arguments")
-    storage, offset, size, stride, requires_grad, hooks = args[:6]
-    _check_extent(storage, offset, size, stride, storage.dtype if isinstance(storage, _Storage) else torch.uint8)
-    if type(requires_grad) is not bool:
-        raise _Bad("a tensor with a malformed requires_grad")
-    _check_hooks(hooks)
-    _check_metadata(args, 6)
-    return _Obj(_TENSOR)
+    storage = args[0]
+    return _checked_tensor(args, 6, storage.dtype if isinstance(storage, _Storage) else torch.uint8)
 
 
 def _rebuild_tensor_v3(args: tuple) -> Any:
     if len(args) not in (7, 8):
         raise _Bad("a tensor rebuild with the wrong number of arguments")
-    storage, offset, size, stride, requires_grad, hooks, dtype = args[:7]
+    dtype = args[6]
     if not (isinstance(dtype, _Global) and dtype.name in _DTYPES):
         raise _Bad("a tensor rebuild without a dtype")
-    _check_extent(storage, offset, size, stride, _DTYPES[dtype.name])
+    return _checked_tensor(args, 7, _DTYPES[dtype.name])
+
+
+def _checked_tensor(args: tuple, metadata_at: int, dtype: Any) -> Any:
+    """The checks both tensor rebuilds share: extent inside the storage, flags, hooks, metadata."""
+    storage, offset, size, stride, requires_grad, hooks = args[:6]
+    _check_extent(storage, offset, size, stride, dtype)
     if type(requires_grad) is not bool:
         raise _Bad("a tensor with a malformed requires_grad")
     _check_hooks(hooks)
-    _check_metadata(args, 7)
+    _check_metadata(args, metadata_at)
     return _Obj(_TENSOR)
 
 

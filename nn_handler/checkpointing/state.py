@@ -280,9 +280,7 @@ def _model_class(entry: Dict[str, Any], path: str, trust: "specs.Trust") -> Tupl
         found = specs.resolve(target, "model", expected=nn.Module, functions=True, trusted=trust)
         if not isinstance(found, type) and not trust.vouches_for(found):
             # A factory is called before it can be checked: only one the caller names.
-            raise specs.UntrustedTarget(f"model: refusing target {target!r}: a function as the model is built "
-                                        f"only when the caller trusts it", target, "model",
-                                        None if target.split(".", 1)[0] in ("torch", "nn_handler") else target.split(".", 1)[0])
+            raise specs.refusal(target, "model", "a function as the model is built only when the caller trusts it")
         return found, kwargs
     except specs.UntrustedTarget as exc:
         own = specs.model_module_trust(target, os.path.dirname(os.path.abspath(path)))
