@@ -290,7 +290,7 @@ def agree(error: Optional[BaseException], info: DistInfo, what: str, path: Optio
     name, message, missing = failed[0][1]
     if missing:
         raise FileNotFoundError(errno.ENOENT, f"{what}: the file is missing on rank(s) {ranks}", path)
-    from .checkpointing.errors import CheckpointError
+    from .errors import CheckpointError
     raise CheckpointError(path, f"{what} failed on rank(s) {ranks}: {name}: {message}")
 
 

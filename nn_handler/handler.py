@@ -1,61 +1,54 @@
 """NNHandler: one object that owns a model and everything around its training.
 
-The handler is a facade: the loop lives in ``training``, the checkpoint format in
+The handler is a facade: the loop lives in ``train``, the checkpoint format in
 ``checkpointing``, the distributed policy in ``distributed``, recording components as
 plain data in ``specs``.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed, rng, specs, training
+from . import distributed, parts, rng, specs
 from .callbacks.base import Callback
+from .checkpointing import format as F
+from .checkpointing.store import lineage_for
 from .data import DataSlot, build_dataset, build_loader
 from .ema import EMA
 from .enums import LoggingMode, ModelType, coerce_logging_mode, coerce_model_type
+from .errors import SettingError
 from .history import History
+from .modules import unwrap
+from .train import LoopContext, Progress, TrainSettings, autocast_context, check_ready, make_forward, to_device
+from .train import run as run_loop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpointing.file import CheckpointFile
 
 DeviceLike = Optional[Union[str, torch.device]]
 logger = logging.getLogger("nn_handler")
+_UNSET = object()
 
 
-# A module already holding its weights (the checkpoint fast path), used by the next constructor call.
-_PREBUILT: "contextvars.ContextVar[Optional[nn.Module]]" = contextvars.ContextVar("nn_handler_prebuilt", default=None)
-
-
-@contextlib.contextmanager
-def prebuilt_module(module: Optional[nn.Module]):
-    """Make ``NNHandler(...)`` inside the block adopt ``module`` instead of building one."""
-    token = _PREBUILT.set(module)
-    try:
-        yield
-    finally:
-        _PREBUILT.reset(token)
+def _as_lists(value: Any) -> Any:
+    """``value`` with tuples as lists, for comparing a recorded kwarg with a configured one."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
 
 
 class NNHandlerWarning(UserWarning):
     """A component could not be recorded or restored; the message says which and what to do."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under any DDP (``module``) or torch.compile (``_orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class NNHandler:
@@ -79,20 +72,31 @@ class NNHandler:
                             f"NNHandler({type(model_class).__name__}, **kwargs)")
         if not callable(model_class):
             raise TypeError(f"model_class must be an nn.Module class, got {model_class!r}")
+        self._setup(model_class, device, logger_mode, model_type, use_distributed, model_kwargs, None)
+
+    @classmethod
+    def _built(cls, model_class: Callable[..., nn.Module], module: Optional[nn.Module], *, device: DeviceLike,
+               model_type: Union[ModelType, str], model_kwargs: Dict[str, Any]) -> "NNHandler":
+        """A handler around ``module``, already built (and holding a checkpoint's verified weights), recorded
+        as ``model_class(**model_kwargs)``; ``module=None`` builds it as the constructor does."""
+        handler = cls.__new__(cls)
+        handler._setup(model_class, device, None, model_type, None, model_kwargs, module)
+        return handler
+
+    def _setup(self, model_class: Callable[..., nn.Module], device: DeviceLike, logger_mode: Any, model_type: Any,
+               use_distributed: Optional[bool], model_kwargs: Dict[str, Any], module: Optional[nn.Module]) -> None:
         self._dist = distributed.setup(use_distributed)
         self._device = distributed.resolve_device(device, self._dist)
         self._model_type = coerce_model_type(model_type)
         self.logger = logger
         self._configure_logging(coerce_logging_mode(logger_mode))
-        module = _PREBUILT.get()
-        _PREBUILT.set(None)  # adopted once
         adopted = module is not None
         if module is None:
             module = model_class(**model_kwargs)
         if not isinstance(module, nn.Module):
             raise TypeError(f"model_class {model_class!r} built a {type(module).__name__}, not an nn.Module")
         module = module.to(self._device)
-        self._module = _unwrap(module)  # the user's own module, under e.g. a factory's torch.compile
+        self._module = unwrap(module)  # the user's own module, under e.g. a factory's torch.compile
         self._model: nn.Module = module
         if self._dist.enabled:
             ids = [self._device.index] if self._device.type == "cuda" else None
@@ -115,20 +119,16 @@ class NNHandler:
         self._sampler: Any = None
         self._ema: Optional[EMA] = None
         self._grad_scaler: Optional[torch.amp.GradScaler] = None
-        self._settings = training.TrainSettings()
+        self._settings = TrainSettings()
         self._history = History()
         self._data: Dict[str, DataSlot] = {"train": DataSlot("train"), "val": DataSlot("val")}
-        self._data_seed: Optional[int] = None
         # Components a loaded checkpoint could not restore: name -> why (told again when they are needed).
         self._not_restored: Dict[str, str] = {}
         # Plain data saved with every checkpoint and restored by load: run id, lineage, the run's config.
-        from .checkpointing.store import lineage_for  # checkpointing imports this module
         self.metadata: Dict[str, Any] = {"lineage": lineage_for(None, None)}
-        # Inside an epoch: where the loop is (saved by a mid-epoch checkpoint); after load: where to go on.
-        self._position: Optional[training.Position] = None
-        self._resume_position: Optional[Dict[str, Any]] = None
-        self.epoch = 0
-        self.global_step = 0
+        # Epochs and steps done, the data seed; inside an epoch where the loop is (saved by a mid-epoch
+        # checkpoint), after load where to go on.
+        self._progress = Progress()
         self.stop_training = False
 
     # ------------------------------------------------------------------ read-only views
@@ -141,6 +141,29 @@ class NNHandler:
     def module(self) -> nn.Module:
         """The user's own module, unwrapped."""
         return self._module
+
+    @property
+    def resumes_inside_epoch(self) -> bool:
+        """A load left a position inside an epoch: the next ``train`` goes on from its next batch."""
+        return self._progress.resumes_inside_epoch
+
+    @property
+    def epoch(self) -> int:
+        """Epochs trained over the handler's whole life (the next epoch's 0-based index)."""
+        return self._progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._progress.epoch = int(value)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken over the handler's whole life."""
+        return self._progress.global_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self._progress.global_step = int(value)
 
     @property
     def device(self) -> torch.device:
@@ -253,6 +276,38 @@ class NNHandler:
         self._records["scheduler"] = specs.record(scheduler_class, kwargs)
         self._not_restored.pop("scheduler", None)
 
+    def update_optimizer(self, **changes: Any) -> Dict[str, Any]:
+        """Change the optimizer's hyperparameters (``lr``, ``weight_decay``, ``betas``, ...) in place,
+        keeping its state (moments, step counts) and the scheduler's; returns the changes that took
+        effect (those that differ from what was set).
+
+        Every parameter group takes the new values; a new ``lr`` is also the scheduler's base lr
+        (``initial_lr``/``base_lrs``), so the schedule continues from it. The optimizer's record is
+        updated, so the next checkpoint records the new values. A name the optimizer does not take
+        raises TypeError naming it.
+        """
+        if self._optimizer is None:
+            raise RuntimeError(self._missing("optimizer", "h.set_optimizer(torch.optim.Adam, lr=1e-3)"))
+        spec, reason = self._records.get("optimizer", (None, None))
+        recorded = specs.split(spec)[1] if spec else {}
+        changed = {k: v for k, v in specs.to_plain(changes).items() if _as_lists(recorded.get(k, _UNSET)) != _as_lists(v)}
+        if not changed:
+            return {}
+        cls = type(self._optimizer)
+        try:  # the optimizer's own validation of the new values, on a throwaway instance
+            cls([torch.zeros(1, requires_grad=True)], **{**recorded, **changed})
+        except TypeError as exc:
+            raise TypeError(f"{cls.__name__} does not take {sorted(changed)}: {exc}") from None
+        for group in self._optimizer.param_groups:
+            for key, value in changed.items():
+                group[key] = tuple(value) if isinstance(value, list) and isinstance(group.get(key), tuple) else value
+                if key == "lr" and "initial_lr" in group:
+                    group["initial_lr"] = value
+        if "lr" in changed and hasattr(self._scheduler, "base_lrs"):
+            self._scheduler.base_lrs = [changed["lr"]] * len(self._optimizer.param_groups)
+        self._records["optimizer"] = specs.record(cls, {**recorded, **changed}) if spec else (spec, reason)
+        return changed
+
     def set_loss_fn(self, loss_fn: Callable, **kwargs: Any) -> None:
         """A loss class (built with ``kwargs``) or a function (``kwargs`` bound to it)."""
         if isinstance(loss_fn, nn.Module):
@@ -294,15 +349,22 @@ class NNHandler:
         self._sampler = None if sampler_class is None else sampler_class(**kwargs)
         self._records["sampler"] = specs.record(sampler_class, kwargs) if sampler_class is not None else (None, None)
 
-    def set_train_loader(self, dataset: Union[Dataset, Mapping[str, Any], None] = None, **dataloader_kwargs: Any) -> None:
+    def set_train_loader(self, dataset: Union[Dataset, Mapping[str, Any], None] = None, *,
+                         trusted_packages: Optional[Sequence[str]] = None, **dataloader_kwargs: Any) -> None:
         """A Dataset, or a spec ``{"_target_": "pkg.mod.fn", **kwargs}`` that builds one, plus DataLoader options.
 
-        After ``load`` the recorded options are reused when none are given.
+        After ``load`` the recorded options are reused when none are given. ``trusted_packages``
+        (a list, possibly empty) says the spec was read from a file: it is then built only under
+        ``load``'s trust rules, widened by those packages, as ``load`` builds a recorded dataset.
         """
-        self._set_loader("train", dataset, dataloader_kwargs)
+        self._set_loader("train", dataset, dataloader_kwargs, from_file=trusted_packages is not None,
+                         trusted=tuple(trusted_packages or ()))
 
-    def set_val_loader(self, dataset: Union[Dataset, Mapping[str, Any], None] = None, **dataloader_kwargs: Any) -> None:
-        self._set_loader("val", dataset, dataloader_kwargs)
+    def set_val_loader(self, dataset: Union[Dataset, Mapping[str, Any], None] = None, *,
+                       trusted_packages: Optional[Sequence[str]] = None, **dataloader_kwargs: Any) -> None:
+        """As ``set_train_loader``, for the validation data."""
+        self._set_loader("val", dataset, dataloader_kwargs, from_file=trusted_packages is not None,
+                         trusted=tuple(trusted_packages or ()))
 
     def _set_loader(self, name: str, dataset: Any, options: Dict[str, Any], *, from_file: bool = False,
                     trusted: Tuple[str, ...] = ()) -> None:
@@ -339,7 +401,7 @@ class NNHandler:
         epoch resumes with its next batch, and an interrupted epoch counts as one of ``epochs``.
         """
         if int(epochs) < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs!r}")
+            raise SettingError("epochs", f"epochs must be >= 0, got {epochs!r}")
         self._settings = self._settings.updated(
             validate_every=validate_every, gradient_accumulation_steps=gradient_accumulation_steps, use_amp=use_amp,
             gradient_clipping_norm=gradient_clipping_norm, ema_decay=ema_decay, validate_with_ema=validate_with_ema)
@@ -347,13 +409,14 @@ class NNHandler:
             self._settings.ema_decay = None
         if gradient_clipping_norm is not None and not gradient_clipping_norm:
             self._settings.gradient_clipping_norm = None
+        progress = self._progress
         if seed is not None:
             rng.seed_everything(int(seed))
-            self._data_seed = int(seed)
-        elif self._data_seed is None:
+            progress.data_seed = int(seed)
+        elif progress.data_seed is None:
             # Like RandomSampler: draw from the global stream, so torch.manual_seed fixes the order.
-            self._data_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self._data_seed = distributed.broadcast_object(self._data_seed, self._dist)
+            progress.data_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        progress.data_seed = distributed.broadcast_object(progress.data_seed, self._dist)
         store = None
         if checkpoint_dir is not None:
             from .checkpointing.store import CheckpointStore
@@ -364,10 +427,30 @@ class NNHandler:
         if handle_signals is None:
             handle_signals = store is not None
         if epochs:
-            training.run(self, int(epochs), progress_bar, store=store, every_n_steps=save_every_n_steps,
-                         every_n_epochs=save_every_n_epochs, handle_signals=handle_signals)
+            save = None if store is None else (lambda tag="": str(store.save(self, tag=tag)))
+            run_loop(self._loop_context(save), int(epochs), progress_bar, every_n_steps=save_every_n_steps,
+                     every_n_epochs=save_every_n_epochs, handle_signals=handle_signals)
+
+    def _loop_context(self, save: Optional[Callable[..., Optional[str]]] = None) -> LoopContext:
+        """The pieces the training loop works on, after checking that training can start.
+
+        ``save(tag="")`` writes a checkpoint and returns its path (None: nowhere to save). The
+        forward, GradScaler and EMA are built for the current settings (EMA off drops it).
+        """
+        check_ready(self._data["train"], self._data["val"], self._optimizer, self._missing, self._not_restored)
+        settings = self._settings
+        forward = make_forward(self._model, self._model_type, self._loss_fn, self._sde, self._missing)
+        scaler = self._grad_scaler_for(settings.use_amp)
+        ema = self._ensure_ema(settings.ema_decay)
+        return LoopContext(
+            handler=self, model=self._model, module=self._module, device=self._device, optimizer=self._optimizer,
+            scheduler=lambda: self._scheduler, forward=forward, metrics=self._metrics, callbacks=self.callbacks,
+            settings=settings, train=self._data["train"], val=self._data["val"], progress=self._progress,
+            history=self._history, dist=self._dist, warn=self._warn, log_epoch=self._log_epoch, logger=self.logger,
+            ema=ema, scaler=scaler, save=save)
 
     def _ensure_ema(self, decay: Optional[float]) -> Optional[EMA]:
+        """The EMA for ``decay``: none when it is off, a new one, or the current one carried to a new decay."""
         if not decay:
             self._ema = None
         elif self._ema is None:
@@ -496,10 +579,10 @@ class NNHandler:
         module.eval()
         outputs = []
         try:
-            with training.autocast_context(self, self._settings.use_amp):
+            with autocast_context(self._device, self._settings.use_amp):
                 for batch in batches:
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    outputs.append(module(training.to_device(x, self._device)).float())
+                    outputs.append(module(to_device(x, self._device)).float())
         finally:
             module.train(was_training)
         if shard:
@@ -509,7 +592,7 @@ class NNHandler:
                 probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
                 x = probe[0] if isinstance(probe, (list, tuple)) else probe
                 x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
-                outputs.append(module(training.to_device(x, self._device)).float()[:0])
+                outputs.append(module(to_device(x, self._device)).float()[:0])
             return distributed.gather_rows(torch.cat(outputs), total, self._dist).cpu()
         if not outputs:
             raise ValueError("predict() got no data")
@@ -529,39 +612,95 @@ class NNHandler:
             plot_metrics(self, path)
 
     # ------------------------------------------------------------------ checkpoints
+    def parts(self, context: Optional[parts.LoadContext] = None) -> Dict[str, Any]:
+        """The handler's state by name (the checkpoint's keys), each part Stateful (``state_dict()`` and
+        ``load_state_dict(state)``); ``context`` says what a load may build from a file and where to tell
+        what it cannot restore. Everything ``save`` writes besides ``header()``."""
+        from .sampler import Sampler
+        from .sde import SDE
+        ctx = context or parts.LoadContext(path="<state_dict>", warn=self._warn, not_restored=self._not_restored,
+                                           rank=self.rank, is_main=self._dist.is_main)
+        records = self._records
+
+        def record(name: str) -> Callable[[], parts.Record]:
+            return lambda: records.get(name, (None, None))
+
+        def component(name: str, attr: str, setter: Callable[..., None], expected: Any, **options: Any) -> parts.Component:
+            return parts.Component(name, lambda: getattr(self, attr), record(name), setter, expected, context=ctx,
+                                   **options)
+
+        schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        return {
+            F.MODEL_STATE: parts.Weights(self._module, lambda weights: None),  # built with the model (loading)
+            F.OPTIMIZER: component("optimizer", "_optimizer", self.set_optimizer, torch.optim.Optimizer),
+            F.SCHEDULER: component("scheduler", "_scheduler", self.set_scheduler, schedulers),
+            F.GRAD_SCALER: parts.GradScaler(lambda: self._grad_scaler, lambda: self._grad_scaler_for(True)),
+            F.LOSS: component("loss_fn", "_loss_fn", self.set_loss_fn, nn.Module, functions=True, stateful=False),
+            F.METRICS: parts.Metrics(self._metrics, records, self.add_metric, context=ctx),
+            F.HISTORY: self._history,
+            F.CALLBACKS: parts.Callbacks(self._callbacks, self.add_callback, context=ctx),
+            F.SDE: component("sde", "_sde", self.set_sde, SDE),
+            F.SAMPLER: component("sampler", "_sampler", self.set_sampler, Sampler),
+            F.EMA: parts.EmaWeights(lambda: self._ema, self._put_ema, self._module, context=ctx),
+            F.SETTINGS: self._settings,
+            F.PROGRESS: parts.ProgressPart(self._progress, rank=self.rank),
+            F.DATA: parts.Data(self._data, lambda name, spec, options, trust: self._set_loader(
+                name, spec, options, from_file=True, trusted=trust), context=ctx),
+            F.RNG: parts.RandomStreams(rank=self.rank),
+            F.METADATA: parts.Metadata(lambda: self.metadata, self._put_metadata),
+        }
+
+    def header(self) -> Dict[str, Any]:
+        """The plain records a checkpoint holds besides the parts: world size and the model's spec."""
+        spec, reason = self._records["model"]
+        return {F.WORLD_SIZE: self.world_size, F.MODEL: {"spec": spec, "model_type": str(self.model_type)},
+                F.UNRECORDED: {} if spec is not None else {"model": reason or "not recordable"}}
+
+    def _put_ema(self, ema: Optional[EMA]) -> None:
+        self._ema = ema
+
+    def _put_metadata(self, metadata: Dict[str, Any]) -> None:
+        self.metadata = metadata
+
+    def _drop(self, component: str) -> None:
+        """Unset a component a load built but could not give its state (its record goes too)."""
+        setattr(self, f"_{component}", None)
+        self._records.pop(component, None)
+
     def state_dict(self) -> Dict[str, Any]:
         """The whole handler as plain data (what ``save`` writes)."""
-        from .checkpointing.state import dump
-        return dump(self)
+        from .checkpointing.save import assemble
+        return assemble(self.parts(), self.header())
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the whole handler to ``path`` atomically. Under DDP rank 0 writes and every rank waits."""
-        from .checkpointing import save
-        save(self, path)
+        from .checkpointing.save import save
+        save(self.parts(), self.header(), path, self._dist, self._warn)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], device: DeviceLike = None, strict_load: bool = False,
-             skip_optimizer: bool = False, skip_scheduler: bool = False, skip_history: bool = False,
-             skip_callbacks: bool = False, skip_sampler_sde: bool = False, skip_ema: bool = False, *,
-             model_class: Optional[Callable[..., nn.Module]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-             model_type: Optional[Union[ModelType, str]] = None, mmap: bool = False,
-             trusted_packages: Sequence[str] = ()) -> "NNHandler":
+    def load(cls, path: Union[str, os.PathLike, "CheckpointFile"], device: DeviceLike = None,
+             strict_load: bool = False, skip_optimizer: bool = False, skip_scheduler: bool = False,
+             skip_history: bool = False, skip_callbacks: bool = False, skip_sampler_sde: bool = False,
+             skip_ema: bool = False, *, model_class: Optional[Callable[..., nn.Module]] = None,
+             model_kwargs: Optional[Dict[str, Any]] = None, model_type: Optional[Union[ModelType, str]] = None,
+             mmap: bool = False, trusted_packages: Sequence[str] = ()) -> "NNHandler":
         """A handler rebuilt from a file written by ``save``; each ``skip_*`` leaves that part fresh.
 
-        The keyword-only ``model_class``/``model_kwargs``/``model_type`` build that model
-        instead of the recorded one (a new head for transfer learning, say); its weights
-        then load under ``strict_load``. ``mmap=True`` adopts the file's memory-mapped
-        tensors without copying them (fastest; the file must then not be rewritten in
-        place while the handler lives, which ``save`` never does). A file may name, besides
-        classes of each component's own kind, only nn_handler's and torch's own building
-        blocks and what lives in the model's package or in ``trusted_packages``.
+        ``path`` may be an open ``nn_handler.checkpointing.CheckpointFile`` (then it is read through,
+        and verified at most once). The keyword-only ``model_class``/``model_kwargs``/``model_type``
+        build that model instead of the recorded one (a new head for transfer learning, say); its
+        weights then load under ``strict_load``. ``mmap=True`` adopts the file's memory-mapped
+        tensors without copying them (fastest; the file must then not be rewritten in place while
+        the handler lives, which ``save`` never does). A file may name, besides classes of each
+        component's own kind, only nn_handler's and torch's own building blocks and what lives in the
+        model's package or in ``trusted_packages``.
         """
-        from .checkpointing import load
-        return load(cls, path, device=device, strict_load=strict_load, skip_optimizer=skip_optimizer,
-                    skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
-                    skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema, model_class=model_class,
-                    model_kwargs=model_kwargs, model_type=model_type, mmap=mmap,
-                    trusted_packages=trusted_packages)
+        from .loading import load
+        leave_out = parts.left_out(skip_optimizer=skip_optimizer, skip_scheduler=skip_scheduler,
+                                   skip_history=skip_history, skip_callbacks=skip_callbacks,
+                                   skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)
+        return load(cls, path, device=device, strict_load=strict_load, leave_out=leave_out, model_class=model_class,
+                    model_kwargs=model_kwargs, model_type=model_type, mmap=mmap, trusted_packages=trusted_packages)
 
     @classmethod
     def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],
@@ -573,7 +712,7 @@ class NNHandler:
         a PyTorch Lightning ``.ckpt`` (``prefix="model."`` picks the weights under that prefix), a
         ``{"state_dict": ...}`` or ``{"model": ...}`` dict, or a safetensors file (``export``'s too).
         Without ``model_class`` the model the file records is rebuilt under ``load``'s trust rules."""
-        from .checkpointing import initialize_from_checkpoint
+        from .loading import initialize_from_checkpoint
         return initialize_from_checkpoint(cls, checkpoint_path, model_class, model_type=model_type, device=device,
                                           strict_load=strict_load, prefix=prefix, trusted_packages=trusted_packages,
                                           **model_kwargs)

@@ -10,7 +10,7 @@ for a file that holds weights but no handler state):
 * a safetensors file (the ``safetensors`` package), our own exports included.
 
 Every torch file goes through the one verified, scanned, ``weights_only`` read that handler
-files take (``checkpointing._read``: ``io.safe_load`` after ``pickle_scan.scan``), with the
+files take (``CheckpointFile``: ``io.safe_load`` after ``pickle_scan.scan``), with the
 scan's allow-list unchanged: a Lightning file whose ``hyper_parameters`` hold an OmegaConf
 config (``save_hyperparameters(cfg)`` with a ``DictConfig``) asks the unpickler for
 ``omegaconf`` classes and is refused, with a message saying how to re-save it. (Lightning
@@ -51,7 +51,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import crc32c
 import torch
@@ -69,6 +69,7 @@ from .checkpointing.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .checkpointing.file import CheckpointFile
     from .handler import NNHandler
 
 PathLike = Union[str, os.PathLike]
@@ -169,42 +170,49 @@ def weights_of(obj: Any, path: str) -> FoundWeights:
     return found
 
 
-def read_weights(path: PathLike, device: torch.device, info: "distributed.DistInfo",
-                 read: Callable[..., Any]) -> FoundWeights:
-    """The weights in ``path`` (any form above) on every rank, onto ``device``; ``read`` is the
-    verified torch reader (``checkpointing._read``). Any rank's failure is raised on every rank."""
-    path_str = os.fspath(path)
-    found, error = None, None
-    if is_safetensors(path):
+def read_weights(path: Union[PathLike, "CheckpointFile"], device: torch.device,
+                 info: "distributed.DistInfo") -> FoundWeights:
+    """The weights in ``path`` (any form above) on every rank, onto ``device``, read through one
+    verified ``CheckpointFile`` (the caller's, or one opened here). Any rank's failure is raised on every rank."""
+    from .checkpointing.file import CheckpointFile, named_after
+
+    ckpt = CheckpointFile.open(path, info)  # raises on every rank if any fails
+    try:
+        path_str = ckpt.path
+        found, error = None, None
+        if ckpt.safetensors:
+            try:
+                found = read_safetensors(path_str, fd=ckpt.fileno())
+                if torch.device(device).type != "cpu":
+                    found.weights = {k: v.to(device) for k, v in found.weights.items()}
+            except (CheckpointError, FileNotFoundError, ImportError) as exc:
+                error = named_after(exc, path_str)
+            except Exception as exc:  # noqa: BLE001 (the file's fault: one clear error naming it)
+                error = CorruptCheckpointError(path_str, f"the safetensors file cannot be read "
+                                                         f"({type(exc).__name__}: {str(exc)[:300]})")
+            distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
+            return found
         try:
-            found = read_safetensors(path)
-            if torch.device(device).type != "cpu":
-                found.weights = {k: v.to(device) for k, v in found.weights.items()}
-        except (CheckpointError, FileNotFoundError, ImportError) as exc:
+            obj = ckpt.state(device)  # verified, scanned, weights_only; agreed on every rank
+        except UnsafeCheckpointError as exc:
+            if "omegaconf." in exc.message:
+                raise UnsafeCheckpointError(path_str, exc.message + "; a Lightning checkpoint whose hyper_parameters "
+                                            "are an OmegaConf config needs omegaconf's classes to unpickle, which a "
+                                            "file may never ask for: save the hyperparameters as plain data "
+                                            "(save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))), or, "
+                                            "in an environment where you trust the file, re-save only its weights: "
+                                            "torch.save(torch.load(path, weights_only=False)['state_dict'], "
+                                            "'weights.pt')") from None
+            raise
+        try:
+            found = weights_of(obj, path_str)
+        except Exception as exc:  # noqa: BLE001
             error = exc
-        except Exception as exc:  # noqa: BLE001 (the file's fault: one clear error naming it)
-            error = CorruptCheckpointError(path_str, f"the safetensors file cannot be read "
-                                                     f"({type(exc).__name__}: {str(exc)[:300]})")
         distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
         return found
-    try:
-        obj = read(path, device, info)  # verified, scanned, weights_only; agreed on every rank
-    except UnsafeCheckpointError as exc:
-        if "omegaconf." in exc.message:
-            raise UnsafeCheckpointError(path_str, exc.message + "; a Lightning checkpoint whose hyper_parameters are "
-                                        "an OmegaConf config needs omegaconf's classes to unpickle, which a file "
-                                        "may never ask for: save the hyperparameters as plain data "
-                                        "(save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))), or, "
-                                        "in an environment where you trust the file, re-save only its weights: "
-                                        "torch.save(torch.load(path, weights_only=False)['state_dict'], "
-                                        "'weights.pt')") from None
-        raise
-    try:
-        found = weights_of(obj, path_str)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
-    return found
+    finally:
+        if ckpt is not path:
+            ckpt.close()
 
 
 # ---------------------------------------------------------------------------- safetensors in
@@ -304,12 +312,15 @@ def _recorded_export(metadata: Dict[str, str], path: str) -> Optional[Dict[str, 
     return record
 
 
-def read_safetensors(path: PathLike) -> FoundWeights:
-    """The tensors of a safetensors file, checked as the module docstring says, in private memory."""
+def read_safetensors(path: PathLike, fd: Optional[int] = None) -> FoundWeights:
+    """The tensors of a safetensors file, checked as the module docstring says, in private memory
+    (read through ``fd`` when the caller has the file open)."""
     st = _safetensors()
     path_str = os.fspath(path)
-    _io.check_readable_file(path)
-    fd = os.open(path, os.O_RDONLY)
+    own = fd is None
+    if own:
+        _io.check_readable_file(path)
+        fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         entries, metadata, _ = _header(fd, size, path_str)
@@ -326,7 +337,8 @@ def read_safetensors(path: PathLike) -> FoundWeights:
                 weights[name] = mapped.clone()  # own memory: not a view of the file's mapping
                 del mapped
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     if record is None:
         logger.info("%s carries no checksum (a safetensors file not written by nn_handler): loaded without "
                     "verification", path_str)
@@ -399,14 +411,15 @@ def model_for(handler_class: type, found: FoundWeights, model_class: Any, model_
         raise IncompatibleCheckpointError(path, "this file does not record its model class: pass model_class= "
                                                 "(and its kwargs)")
     from . import specs
-    from .checkpointing.state import _elements, _model_class, recorded_model_problem
+    from .checkpointing.models import recorded_model_class, recorded_model_problem, weight_elements
     try:
-        cls, recorded_kwargs = _model_class({"spec": found.recorded["spec"]}, path, specs.Trust.of(trusted_packages))
+        cls, recorded_kwargs = recorded_model_class({"spec": found.recorded["spec"]}, path,
+                                                    specs.Trust.of(trusted_packages))
     except specs.SpecError as exc:
         raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
     if not model_kwargs:  # the file's kwargs: to the model only, within a size bound
         model_kwargs = recorded_kwargs
-        problem = recorded_model_problem(handler_class, cls, model_kwargs, _elements(found.weights))
+        problem = recorded_model_problem(handler_class, cls, model_kwargs, weight_elements(found.weights))
         if problem:
             raise UnsafeCheckpointError(path, problem)
     if model_type is None and found.recorded.get("model_type") is not None:
@@ -421,7 +434,7 @@ def model_for(handler_class: type, found: FoundWeights, model_class: Any, model_
 
 # ---------------------------------------------------------------------------- safetensors out
 def _export_tensors(handler: "NNHandler", ema: bool) -> Tuple[Dict[str, torch.Tensor], str]:
-    from .checkpointing.state import canonical_state_dict
+    from .checkpointing.models import canonical_state_dict
     use_ema = bool(ema) and handler.ema is not None
     source = handler.ema.module if use_ema else handler.module
     tensors: Dict[str, torch.Tensor] = {}
@@ -438,7 +451,7 @@ def _export_tensors(handler: "NNHandler", ema: bool) -> Tuple[Dict[str, torch.Te
 
 
 def _export_metadata(handler: "NNHandler", tensors: Dict[str, torch.Tensor], which: str) -> Dict[str, str]:
-    from . import __version__
+    from .version import __version__
     spec, reason = handler._records.get("model", (None, None))
     if spec is not None:
         try:

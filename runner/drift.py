@@ -18,11 +18,25 @@ configs) so that they can be tested without running anything. A key that is null
 absent) in the current config means "as recorded" (the runner's resume semantics: null
 loader options, null ``train.*`` settings, ``model: {}`` all inherit the checkpoint's), so
 it is not a difference.
+
+``Drift`` applies these rules to a load-based task: the config of the run against the run config
+its checkpoint records (read_info's ``metadata``: the file is not read again), and reports them.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Protocol, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from nn_handler import specs
+from nn_handler.distributed import env_topology
+
+from .context import RunContext
+from .errors import RunnerError
+
+log = logging.getLogger("runner")
 
 HARMLESS, RISKY, FATAL = "harmless", "risky", "fatal"
 LEVELS = (FATAL, RISKY, HARMLESS)  # most serious first
@@ -185,3 +199,90 @@ def inherit(current: Mapping[str, Any], previous: Mapping[str, Any], keep: Itera
         return _normal(cur)
 
     return {k: (_normal(v) if k in keep else fill(v, previous.get(k))) for k, v in current.items()}
+
+
+# ---------------------------------------------------------------------------- a load-based run's drift
+def normalized(value: Any) -> Any:
+    """``value`` with tuples as lists (recursively), for comparing a recorded value with a configured one."""
+    if isinstance(value, (list, tuple)):
+        return [normalized(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items()}
+    return value
+
+
+def run_config_of(cfg: DictConfig) -> Dict[str, Any]:
+    """The fully resolved run config as plain data (the task function's cfg holds no hydra node)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container.pop("hydra", None)
+    return specs.to_plain(container)
+
+
+def _world_size() -> int:
+    topology = env_topology()
+    return int(topology.world_size) if topology.enabled else 1
+
+
+class ChosenModel(Protocol):
+    """The model a load-based task builds (``runner.tasks.build.ModelChoice``): its target and kwargs."""
+
+    target: str
+    kwargs: Dict[str, Any]
+
+
+class Drift:
+    """The config of a load-based run against the run config stored in its checkpoint."""
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext, info: Dict[str, Any], choice: ChosenModel):
+        task = str(cfg.task)
+        # (``info``: the checkpoint's read_info; its ``metadata`` holds the run config)
+        self.previous: Dict[str, Any] = (info.get("metadata") or {}).get("run_config") or {}
+        current = run_config_of(cfg)
+        # What this run takes from the checkpoint instead of the config (null = "as recorded").
+        if task == "resume":
+            for key in ("optimizer", "scheduler"):
+                if not (ctx.given(key) or cfg.load[f"skip_{key}"]):
+                    current[key] = None
+        if info.get("loss_fn") and not ctx.given("loss"):
+            current["loss"] = None
+        keep = ["seed"] + (["optimizer", "scheduler"] if task == "finetune" else [])
+        # What this run's checkpoints store: the config it actually ran with.
+        # (a checkpoint without a run config still records its optimizer, scheduler and loss specs)
+        recorded = {"optimizer": info.get("optimizer"), "scheduler": info.get("scheduler"), "loss": info.get("loss_fn")}
+        self.effective = inherit(current, {**recorded, **self.previous}, keep=keep)
+        self.effective["model"] = {specs.TARGET: choice.target, **normalized(choice.kwargs)}
+        stored = dict(self.previous)
+        if stored:
+            stored["world_size"] = info.get("world_size")
+        self.differences = classify(stored, {**current, "world_size": _world_size()}, task)
+        self.task = task
+
+    def report(self, model_differences: List[str], allow: bool) -> None:
+        """Log harmless ones, warn risky ones in one table; refuse fatal ones unless ``allow``."""
+        harmless = by_level(self.differences, HARMLESS)
+        risky = by_level(self.differences, RISKY)
+        fatal = by_level(self.differences, FATAL)
+        # The model's differences from the recorded one (defaults of the constructor filled in), named
+        # as config keys, then any other fatal difference from the stored run config.
+        fatal_lines = [("model class" + line[len("class"):]) if line.startswith("class:") else f"model.{line}"
+                       for line in model_differences]
+        named = {line.split(":", 1)[0] for line in fatal_lines}
+        fatal_lines += [f"{d.key}: checkpoint {d.stored!r} vs config {d.current!r}" for d in fatal
+                        if d.key not in named and not (d.key == "model._target_" and "model class" in named)]
+        rank0 = env_topology().rank == 0
+        if not self.previous and rank0:
+            log.info("the checkpoint records no run config (not written by the runner): only the model is compared")
+        if harmless and rank0:
+            log.info("config drift from the checkpoint (harmless): %s", one_line(harmless))
+        if risky and rank0:
+            log.warning("config drift from the checkpoint: %d risky difference(s); the run goes on\n%s",
+                        len(risky), table(risky))
+        if not fatal_lines:
+            return
+        if not allow:
+            raise RunnerError(f"task={self.task} needs the architecture of the checkpoint, but the configured model "
+                              f"differs: " + "; ".join(fatal_lines) + ". Drop model=... to use the recorded one, use "
+                              "task=finetune, or set resume.allow_drift=true to go on anyway")
+        if rank0:
+            log.warning("config drift from the checkpoint: the model differs (resume.allow_drift=true, going on): %s",
+                        "; ".join(fatal_lines))

@@ -4,7 +4,7 @@
   Hydra composes anything, the ranks join the process group and take rank 0's clock, so
   the timestamped run directory is ONE directory (``${runner_now:}`` in config.yaml); only
   rank 0 writes Hydra's files (``${runner_hydra_subdir:}``) and each rank logs to its own
-  file (``${runner_log_file:}``).
+  file (``${runner_log_file:}``); the resolvers are ``runner.resolvers``.
 - ``launcher.nproc_per_node=N`` (N > 1) in a plain process starts N workers through
   ``torch.distributed``'s elastic launch, per Hydra job: each sweep job of ``-m`` is its
   own distributed run, and the composed config is handed to the workers as it is.
@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -27,67 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_handler.distributed import env_topology, init_process_group, teardown
 
+from . import resolvers, tasks
+from .context import RunContext
 from .errors import RunnerError
 
 log = logging.getLogger("runner")
 
-LOG_NAME = "runner"
 # What the self-launch's agent handles and forwards to its workers (torchrun: --signals-to-handle).
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-_run_time: Optional[float] = None
-
-
-# ---------------------------------------------------------------------------- resolvers
-def _now(pattern: str) -> str:
-    """Hydra's ``${now:pattern}``, but one time per process, shared by all torchrun ranks."""
-    global _run_time
-    if _run_time is None:
-        _run_time = time.time()
-    return datetime.datetime.fromtimestamp(_run_time).strftime(pattern)
 
 
 def _rank() -> int:
     return env_topology().rank
-
-
-def _hydra_subdir() -> Optional[str]:
-    return ".hydra" if _rank() == 0 else None
-
-
-def _log_file() -> str:
-    rank = _rank()
-    return f"{LOG_NAME}.log" if rank == 0 else f"{LOG_NAME}.rank{rank}.log"
-
-
-OmegaConf.register_new_resolver("runner_now", _now, replace=True)
-OmegaConf.register_new_resolver("runner_hydra_subdir", _hydra_subdir, replace=True)
-OmegaConf.register_new_resolver("runner_log_file", _log_file, replace=True)
-
-
-# ---------------------------------------------------------------------------- the run's context
-@dataclass
-class RunContext:
-    """What a task needs to know about where it runs (plain data: it travels to workers)."""
-
-    output_dir: str  # Hydra's output directory of this job (absolute)
-    launch_dir: str  # where the user launched the command: relative paths resolve against it
-    overrides: List[str] = field(default_factory=list)  # the job's command-line overrides
-
-    @classmethod
-    def from_hydra(cls) -> "RunContext":
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        return cls(output_dir=os.path.abspath(hc.runtime.output_dir), launch_dir=hc.runtime.cwd,
-                   overrides=list(hc.overrides.task))
-
-    def given(self, key: str) -> bool:
-        """Whether the user overrode ``key`` (or a key below it) on the command line."""
-        for override in self.overrides:
-            name = override.split("=", 1)[0].lstrip("+~")
-            if name == key or name.startswith(key + "."):
-                return True
-        return False
 
 
 # ---------------------------------------------------------------------------- process group
@@ -110,7 +59,6 @@ def _init_process_group() -> None:
 
 def join_torchrun(argv: Optional[List[str]] = None) -> None:
     """Under torchrun: refuse a sweep in every rank, join the group, share rank 0's clock."""
-    global _run_time
     info = env_topology()
     if not info.enabled:
         return
@@ -127,7 +75,7 @@ def join_torchrun(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     box: List[Any] = [time.time()]
     dist.broadcast_object_list(box, src=0)
-    _run_time = float(box[0])
+    resolvers.share_run_time(float(box[0]))
 
 
 def leave() -> None:
@@ -147,8 +95,6 @@ def _quiet_console_on_other_ranks() -> None:
 
 def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     """The Hydra task function's body: run the task here, or start workers that do."""
-    from . import tasks
-
     ctx = RunContext.from_hydra()
     logging.captureWarnings(True)  # the library's warnings reach runner.log and the console, once
     _quiet_console_on_other_ranks()
@@ -240,7 +186,7 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, _log_file()))
+    file_handler = logging.FileHandler(os.path.join(output_dir, resolvers.log_file()))
     file_handler.setFormatter(fmt)
     console = logging.StreamHandler()
     console.setFormatter(fmt)
@@ -251,8 +197,6 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
 
 def _worker(container: Dict[str, Any], ctx: RunContext) -> Optional[Dict[str, Any]]:
     """One self-launched rank: the composed config, the job's directory, the process group."""
-    from . import tasks
-
     _setup_worker_logging(ctx.output_dir, _rank())
     logging.captureWarnings(True)
     cfg = OmegaConf.create(container)

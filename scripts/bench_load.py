@@ -113,7 +113,10 @@ def child(variant: str, path: str, out: str) -> None:
         _step(model, opt)
         result["time_step"] = time.perf_counter() - t
     elif variant in ("handler", "handler_noverify", "handler_mmap", "handler_mmap_noverify"):
-        ckpt_io._VERIFY_CHECKSUMS = not variant.endswith("noverify")
+        if variant.endswith("noverify"):  # what the checksum costs: this process hashes and checks nothing
+            from nn_handler.checkpointing.file import CheckpointFile
+            CheckpointFile._my_chunks = lambda self: []
+            CheckpointFile._check = lambda self, mine, obj: setattr(self, "verified", True)
         t = time.perf_counter()
         h = NNHandler.load(path, device="cpu", mmap=variant.startswith("handler_mmap"))
         result["time"] = time.perf_counter() - t
@@ -128,7 +131,8 @@ def child(variant: str, path: str, out: str) -> None:
         h = NNHandler.load(path, device="cpu")
         target = path + f".{variant}.out"
         state = h.state_dict()
-        ckpt_io._WRITE_CHECKSUMS = variant == "handler_save"
+        if variant == "handler_save_nochecksum":  # what the checksum costs: a plain torch.save, still atomic
+            ckpt_io._save_with_trailer = lambda obj, f: torch.save(obj, f)
         t = time.perf_counter()
         if variant == "torch_save":
             with open(target, "wb") as f:

@@ -98,9 +98,9 @@ def main(scenario: str, out: str, *args: str) -> None:
         h.train(1, seed=0, progress_bar=False)
         x = torch.randn(11, 8, generator=torch.Generator().manual_seed(1))
         from nn_handler.datasets import synthetic_classification
-        from nn_handler.training import evaluate
+        from nn_handler.train import evaluate
         val = synthetic_classification(**{k: v for k, v in VAL.items() if k != "_target_"})
-        loss, metrics = evaluate(h, h.val_loader)
+        loss, metrics = evaluate(h._loop_context(), h.val_loader)
         h.module.eval()
         with torch.no_grad():
             expected_val = torch.nn.functional.cross_entropy(h.module(val.tensors[0]), val.tensors[1]).item()
@@ -128,8 +128,8 @@ def main(scenario: str, out: str, *args: str) -> None:
     elif scenario == "signal_one_rank":  # args: checkpoint dir; rank 1 alone gets SIGTERM at step 3
         import signal
 
+        from nn_handler import Preempted
         from nn_handler.callbacks import Callback
-        from nn_handler.training import Preempted
 
         class SignalRankOne(Callback):
             recorded = False

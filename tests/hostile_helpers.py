@@ -373,7 +373,7 @@ ATTACKS: List[Attack] = [
            "rewrites nn_handler.models' globals"),
     Attack("dunder-subclasses", _args("torch.nn.Module.__subclasses__"), "a dunder walk from an allowed class"),
     # the runner's own package
-    Attack("runner.tasks.os.system", _args("runner.tasks.os.system", command=CMD), "the runner route"),
+    Attack("runner.tasks.fit.os.system", _args("runner.tasks.fit.os.system", command=CMD), "the runner route"),
 ]
 ATTACK = {a.name: a for a in ATTACKS}
 

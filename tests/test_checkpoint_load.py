@@ -9,7 +9,7 @@ import torch
 from torch.optim.lr_scheduler import StepLR
 
 from nn_handler import ModelType, NNHandler, NNHandlerWarning
-from nn_handler.checkpointing import CheckpointError, initialize_from_checkpoint, load
+from nn_handler.checkpointing import CheckpointError
 from nn_handler.ema import EMA
 from nn_handler.models import MLP
 
@@ -299,7 +299,7 @@ def test_shape_mismatch_always_raises_naming_the_key_and_both_shapes(full_file, 
     text = str(info.value)
     assert "net.0.weight" in text and "(16, 6)" in text and "(8, 6)" in text
     with pytest.raises(CheckpointError, match=r"net\.0\.weight.*\(16, 6\).*\(8, 6\)"):
-        load(NNHandler, path, strict_load=strict, model_class=MLP,
+        NNHandler.load(path, strict_load=strict, model_class=MLP,
              model_kwargs={"in_features": 6, "out_features": 3, "hidden": [8]})
 
 
@@ -387,24 +387,16 @@ def test_initialize_from_a_handler_file_loads_only_weights(full_file):
     assert all(check(h2) for check in FRESH.values()) and h2.loss_fn is None and h2.epoch == 0
 
 
-def test_module_functions_take_the_handler_class_first(full_file):
-    path, h = full_file
-    h2 = load(NNHandler, path, device="cpu", skip_history=True, trusted_packages=hc.TRUST)
-    assert isinstance(h2, NNHandler) and h2.train_losses == [] and type(h2.optimizer) is torch.optim.Adam
-    h3 = initialize_from_checkpoint(NNHandler, path, MLP, **hc.MODEL_KWARGS)
-    hc.assert_same(h.module.state_dict(), h3.module.state_dict(), "weights")
-
-
 def test_load_with_another_model_class_builds_that_model(full_file):
     path, h = full_file
     kwargs = {**hc.MODEL_KWARGS, "extra": 5}
     with pytest.warns(NNHandlerWarning) as record:
-        h2 = load(NNHandler, path, model_class=hc.MLPWithExtraHead, model_kwargs=kwargs)
+        h2 = NNHandler.load(path, model_class=hc.MLPWithExtraHead, model_kwargs=kwargs)
     assert any("missing keys ['extra.bias', 'extra.weight']" in str(w.message) for w in record)
     assert type(h2.module) is hc.MLPWithExtraHead and h2.module.extra.out_features == 5
     assert torch.equal(h2.module.net[0].weight, h.module.net[0].weight)
     with pytest.raises(CheckpointError, match=r"missing keys \['extra\.bias', 'extra\.weight'\]"):
-        load(NNHandler, path, strict_load=True, model_class=hc.MLPWithExtraHead, model_kwargs=kwargs)
+        NNHandler.load(path, strict_load=True, model_class=hc.MLPWithExtraHead, model_kwargs=kwargs)
     # The saved optimizer state does not fit the new model's parameters: told, not half-restored.
     assert h2.optimizer is None and h2.scheduler is None
     h2.set_optimizer(torch.optim.SGD, lr=0.01)
@@ -415,7 +407,7 @@ def test_load_with_another_model_class_builds_that_model(full_file):
 def test_load_with_another_model_class_warns_that_the_optimizer_state_does_not_fit(full_file):
     path, _ = full_file
     with pytest.warns(NNHandlerWarning) as record:
-        h2 = load(NNHandler, path, model_class=hc.MLPWithExtraHead, model_kwargs={**hc.MODEL_KWARGS, "extra": 5})
+        h2 = NNHandler.load(path, model_class=hc.MLPWithExtraHead, model_kwargs={**hc.MODEL_KWARGS, "extra": 5})
     text = " | ".join(str(w.message) for w in record)
     assert "optimizer from" in text and "does not fit" in text and "h.set_optimizer(" in text
     assert "scheduler" in text
@@ -427,7 +419,7 @@ def test_load_with_a_same_shaped_model_class_restores_everything(full_file):
     path, h = full_file
     with warnings.catch_warnings():
         warnings.simplefilter("error", NNHandlerWarning)
-        h2 = load(NNHandler, path, strict_load=True, model_class=hc.SameMLP, model_kwargs=hc.MODEL_KWARGS)
+        h2 = NNHandler.load(path, strict_load=True, model_class=hc.SameMLP, model_kwargs=hc.MODEL_KWARGS)
     assert type(h2.module) is hc.SameMLP
     hc.assert_same(h.module.state_dict(), h2.module.state_dict(), "weights")
     hc.assert_same(h.optimizer.state_dict(), h2.optimizer.state_dict(), "optimizer")
@@ -441,7 +433,7 @@ def test_a_missing_file_raises_file_not_found_naming_the_path(tmp_path, how):
         if how == "load":
             NNHandler.load(missing)
         elif how == "module load":
-            load(NNHandler, str(missing))
+            NNHandler.load(str(missing))
         else:
             NNHandler.initialize_from_checkpoint(missing, MLP, **hc.MODEL_KWARGS)
     assert str(missing) in str(info.value)

@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from nn_handler import NNHandler
-from nn_handler.training import evaluate
+from nn_handler.train import evaluate
 
 one_thread = pytest.fixture(scope="module", autouse=True)(hg.one_thread_fixture)
 
@@ -71,7 +71,7 @@ def test_validate_with_ema_reports_the_ema_models_loss_without_changing_training
     assert with_ema.train_losses == plain.train_losses
     assert with_ema.val_losses != plain.val_losses
     with with_ema.ema_weights():
-        expected, _ = evaluate(with_ema, with_ema.val_loader)
+        expected, _ = evaluate(with_ema._loop_context(), with_ema.val_loader)
     assert with_ema.val_losses[-1] == pytest.approx(expected, rel=1e-12)
     assert plain.settings["validate_with_ema"] is False and with_ema.settings["validate_with_ema"] is True
 

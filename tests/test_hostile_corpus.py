@@ -143,7 +143,7 @@ def payload_and_file(bases, scene: Scene, attack, slots, name: str = "forged.pt"
 # Every attack in the core slots (one of each builder: model, loss, callbacks, datasets, nested _args_),
 # and every slot under the strongest attacks; each (attack, slot) is its own forged file.
 CORE_SLOTS = ["model", "loss_fn", "callback.ModelCheckpoint", "data.train", "nested._args_"]
-STRONG = ["walk-F-os.system", "subprocess.Popen", "builtins.exec", "numpy.memmap", "runner.tasks.os.system",
+STRONG = ["walk-F-os.system", "subprocess.Popen", "builtins.exec", "numpy.memmap", "runner.tasks.fit.os.system",
           "dunder-globals.update", "yaml.unsafe_load"]
 
 
@@ -216,7 +216,7 @@ TRUST_CASES = [
     (["matplotlib"], "matplotlib.os.system", "data.train"),
     (["matplotlib"], "matplotlib.subprocess.Popen", "callback.EarlyStopping"),
     (["matplotlib"], "matplotlib.subprocess.Popen", "model"),
-    (["runner"], "runner.tasks.os.system", "data.val"),
+    (["runner"], "runner.tasks.fit.os.system", "data.val"),
     (["sklearn"], "sklearn-joblib.load", "nested.kwarg"),
     (["nn_handler"], "walk-datasets-os.system", "data.train"),
     (["torch"], "walk-F-os.system", "loss_fn"),
@@ -272,7 +272,7 @@ def test_a_setup_py_next_to_the_user_or_the_file_is_never_imported(bases, tmp_pa
 # ---------------------------------------------------------------------------- the readers build nothing
 READER_ATTACKS = ["walk-F-os.system", "walk-F-torch.load", "os.system", "subprocess.Popen", "builtins.exec",
                   "pathlib.Path.write_text", "shutil.rmtree", "numpy.memmap", "scipy.io.FortranFile", "joblib.load",
-                  "yaml.unsafe_load", "sympy.sympify", "dunder-globals.update", "runner.tasks.os.system"]
+                  "yaml.unsafe_load", "sympy.sympify", "dunder-globals.update", "runner.tasks.fit.os.system"]
 # Every slot at once (those that would overwrite each other left out: nested._args_ replaces data.train).
 ALL_SLOTS = ["model", "optimizer", "scheduler", "metric", "callback.ModelCheckpoint", "callback.EarlyStopping", "sde",
              "sampler", "nested.list", "_partial_.loss", "nested._args_"]
@@ -520,7 +520,7 @@ def assert_runner_refused(proc, path: Path, scene: Scene, settle: float = 0.0) -
 RUNNER_CASES = [
     # (task, slot, attack, extra args); one slot per file (a refusal at the first slot would hide the others)
     ("resume", "model", "walk-F-os.system", []),
-    ("resume", "loss_fn", "runner.tasks.os.system", []),
+    ("resume", "loss_fn", "runner.tasks.fit.os.system", []),
     ("resume", "callback.ModelCheckpoint", "matplotlib.subprocess.Popen", []),
     ("resume", "data.train", "walk-datasets-os.system", []),
     ("resume", "optimizer", "collect_env.run", []),

@@ -21,7 +21,6 @@ from nn_handler.checkpointing import (
     IncompatibleCheckpointError,
     NotACheckpointError,
     UnsafeCheckpointError,
-    initialize_from_checkpoint,
     read_checkpoint,
 )
 from nn_handler.checkpointing import io as ckpt_io
@@ -63,7 +62,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, where):
            "deep in a list": {"a": [1, {"b": (2, [evil])}]}}[where]
     path = tmp_path / "evil.pt"
     torch.save(obj, path)
-    for load in (lambda: NNHandler.load(path), lambda: initialize_from_checkpoint(NNHandler, path, MLP, in_features=2,
+    for load in (lambda: NNHandler.load(path), lambda: NNHandler.initialize_from_checkpoint(path, MLP, in_features=2,
                                                                                     out_features=2)):
         with pytest.raises(UnsafeCheckpointError) as info:
             load()

@@ -86,7 +86,7 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_directory_resumes_exactly(str
     latest = find_latest(tmp_path)
     assert latest == preempt[0] and os.path.realpath(tmp_path / "last.pth") == str(latest)
     resumed = NNHandler.load(latest)
-    assert resumed._resume_position is not None
+    assert resumed.resumes_inside_epoch
     resumed.train(EPOCHS - resumed.epoch, progress_bar=False)
     assert_same_run(straight, resumed)
 

@@ -29,7 +29,6 @@ from nn_handler.checkpointing import (
     atomic_save,
     diff,
     find_latest,
-    initialize_from_checkpoint,
     inspect,
     read_info,
     resolve_checkpoint,
@@ -339,7 +338,7 @@ def test_initialize_from_checkpoint_refuses_a_newer_format_version(corpus, tmp_p
     newer = tmp_path / "newer.pt"
     atomic_save(state, newer)
     with pytest.raises(IncompatibleCheckpointError, match="upgrade nn_handler") as caught:
-        initialize_from_checkpoint(NNHandler, newer, MLP, in_features=4, out_features=3, hidden=[8])
+        NNHandler.initialize_from_checkpoint(newer, MLP, in_features=4, out_features=3, hidden=[8])
     assert caught.value.path == str(newer) and f"format version {version}" in str(caught.value)
 
 

@@ -301,7 +301,7 @@ def no_endless_sampling(monkeypatch):
 
 def run_sample(compose_cfg, tmp_path: Path, checkpoint: Path, *given: str):
     from runner import tasks
-    from runner.launch import RunContext
+    from runner.context import RunContext
 
     overrides = ["task=sample", f"checkpoint.path={checkpoint}", *given]
     out = tmp_path / "out"
@@ -373,7 +373,8 @@ def test_task_sample_takes_a_small_recorded_model_shape(compose_cfg, tmp_path):
 def test_auto_resume_ignores_an_insane_recorded_target_epoch(compose_cfg, tmp_path, monkeypatch, caplog,
                                                             target, expected):
     from runner import tasks
-    from runner.launch import RunContext
+    from runner.context import RunContext
+    from runner.tasks import train as train_module
 
     torch.manual_seed(0)
     h = hc.classification_handler(val=False, scheduler=False, metric=False)
@@ -383,7 +384,7 @@ def test_auto_resume_ignores_an_insane_recorded_target_epoch(compose_cfg, tmp_pa
     path.parent.mkdir(parents=True)
     h.save(path)
     seen: Dict[str, Any] = {}
-    monkeypatch.setattr(tasks, "_fit", lambda h, cfg, ctx, **kw: seen.update(kw))
+    monkeypatch.setattr(train_module, "fit_and_save", lambda h, cfg, ctx, **kw: seen.update(kw))
     overrides = ["task=resume", "auto_resume=true", "train.epochs=3", f"checkpoint.path={path}"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

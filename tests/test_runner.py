@@ -102,6 +102,23 @@ def test_resume_refuses_a_different_architecture_listing_the_differences(trained
     assert "Traceback" not in proc.stderr
 
 
+def test_resume_with_a_new_learning_rate_keeps_the_optimizer_state(trained):
+    """``optimizer.lr=...`` on a resume changes the restored Adam in place: its moments and step counts go on."""
+    from nn_handler import NNHandler
+    from nn_handler.checkpointing import read_info
+
+    base, run = trained
+    proc = ok(run_cli(["task=resume", "checkpoint.path=runs/train", "train.epochs=1", "optimizer.lr=0.0005",
+                       "hydra.run.dir=runs/new_lr"], cwd=base))
+    assert "resume: optimizer state restored, with lr=0.0005 from the config" in proc.stderr + proc.stdout
+    before, after = (read_info(d / "checkpoints" / "last.pth") for d in (run, base / "runs" / "new_lr"))
+    assert after["optimizer"]["lr"] == 0.0005 and before["optimizer"]["lr"] != 0.0005
+    h = NNHandler.load(base / "runs" / "new_lr" / "checkpoints" / "last.pth")
+    assert all(group["lr"] == 0.0005 for group in h.optimizer.param_groups)
+    steps = {int(state["step"]) for state in h.optimizer.state_dict()["state"].values()}
+    assert steps == {after["progress"]["global_step"]} and after["progress"]["global_step"] > before["progress"]["global_step"]
+
+
 def test_finetune_sweep_over_two_learning_rates_writes_one_summary_row_per_job(trained):
     base, _ = trained
     ok(run_cli(["-m", "task=finetune", "checkpoint.path=runs/train/checkpoints/last.pth", "train.epochs=1",
@@ -184,6 +201,12 @@ def test_a_misspelled_key_fails_before_any_work_naming_the_key(tmp_path):
     proc = run_cli([*TINY, "train.epoch=3", "hydra.run.dir=out"], cwd=tmp_path)
     assert_clean_error(proc, "train.epoch")
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_train_setting_out_of_range_is_one_line_naming_it(tmp_path):
+    """The library's SettingError (a typed error, not told by its text) becomes ``train: ...``."""
+    proc = run_cli([*TINY, "train.validate_every=0", "hydra.run.dir=out"], cwd=tmp_path)
+    assert_clean_error(proc, "train: validate_every must be >= 1")
 
 
 def test_a_key_mismatch_under_strict_loading_names_the_keys(trained):

@@ -26,9 +26,9 @@ ROUTES = [
     "torch.hub.load", "torch.utils.collect_env.run", "torch.load", "torch.jit.load", "torch.nn.modules.module.torch.os.system",
     "matplotlib.subprocess.Popen", "numpy.memmap", "numpy.save", "scipy.io.FortranFile", "os.system", "posix.system",
     "subprocess.Popen", "builtins.eval", "builtins.exec", "pathlib.Path.write_text", "shutil.rmtree",
-    "runner.tasks.os.system", "nn_handler.models.MLP.__init__", "torch.nn.Module.__subclasses__",
+    "runner.tasks.fit.os.system", "nn_handler.models.MLP.__init__", "torch.nn.Module.__subclasses__",
     "nn_handler.models.torch.os.system", "nn_handler.checkpointing.io.atomic_save", "nn_handler.specs.import_object",
-    "nn_handler.training.run", "torch.optim.Adam.__init__", "torch.nn.Module._apply",
+    "nn_handler.train.loop.run", "torch.optim.Adam.__init__", "torch.nn.Module._apply",
 ]
 
 

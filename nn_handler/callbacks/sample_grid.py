@@ -89,6 +89,13 @@ class SampleGrid(Callback):
         self._root: Optional[str] = None  # set by confine_paths when restored from a file
         self._recorded: Optional[Dict[str, str]] = None
 
+    def relocate(self, dirpath: Any) -> None:
+        """Write the next pictures into ``dirpath`` (and record it there): a run that goes on
+        from a checkpoint moves a restored grid into its own output directory."""
+        self.dirpath = os.fspath(dirpath)
+        if "dirpath" in self._init_kwargs:
+            self._init_kwargs["dirpath"] = self.dirpath
+
     def confine_paths(self, root: Any, fallback: Any = None) -> None:
         """Honour the recorded ``dirpath``/``filename`` only inside ``root`` (``NNHandler.load``
         passes the checkpoint's directory, the runner the run's output directory): before the

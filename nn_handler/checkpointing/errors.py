@@ -1,30 +1,13 @@
-"""The errors a checkpoint can raise. Each names the path it is about."""
+"""The errors a checkpoint can raise (defined in the leaf ``nn_handler.errors``). Each names the path it is about."""
 from __future__ import annotations
 
-import os
-from typing import Union
+from ..errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NotACheckpointError,
+    UnsafeCheckpointError,
+)
 
-
-class CheckpointError(RuntimeError):
-    """Something is wrong with a checkpoint file; ``path`` says which."""
-
-    def __init__(self, path: Union[str, os.PathLike, None], message: str):
-        self.path = None if path is None else os.fspath(path)
-        self.message = message
-        super().__init__(f"{message} (checkpoint: {self.path})" if self.path else message)
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file needs more than plain tensors and containers to load (pickled code or objects)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The file is damaged: truncated, unreadable, or its contents do not match their checksum."""
-
-
-class NotACheckpointError(CheckpointError):
-    """The file is not a checkpoint of the kind asked for (not a PyTorch file, or not a handler file)."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-    """The checkpoint is intact but does not fit: format version, keys or shapes."""
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "NotACheckpointError",
+           "IncompatibleCheckpointError"]

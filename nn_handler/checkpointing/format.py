@@ -33,7 +33,42 @@ RNG = "rng"
 UNRECORDED = "unrecorded"  # component -> why it could not be recorded
 METADATA = "metadata"  # plain data about the run: run id, lineage, the resolved run config (h.metadata)
 
-# version -> function upgrading a state of that version to version + 1.
+# ---------------------------------------------------------------------------- migrations
+# MIGRATIONS[v] upgrades the whole state of a file of format version v to version v + 1.
+# ``check_and_migrate`` runs the steps in order (v, v + 1, ... up to FORMAT_VERSION) on every
+# load, ``read_info`` and ``initialize_from_checkpoint`` of a handler file, and sets
+# ``state[VERSION]`` to v + 1 after each step. A file newer than FORMAT_VERSION is refused
+# (upgrade nn_handler); a version below FORMAT_VERSION without its step is refused too
+# (IncompatibleCheckpointError naming the missing step): nothing is ever loaded half-upgraded.
+#
+# What a step ``MIGRATIONS[v] = fn`` must do:
+#   - take the state dict exactly as a file of version v holds it (already checksummed, but
+#     its content is still a file's: any key may be missing, None, or of the wrong type; the
+#     readers after it check types) and return the state of version v + 1 (it may change the
+#     dict in place and return it). It is plain data in, plain data out: no imports of the
+#     handler, the training loop or callbacks, no component built, no file read or written,
+#     no randomness; under DDP every rank runs it on its own copy and all must agree;
+#   - handle every file that release could write: optional components absent (None), no
+#     position outside an epoch, and so on; for a record it cannot upgrade it raises an
+#     exception whose message says which record and why (check_and_migrate turns any error
+#     of a step, and a result that is not a dict, into IncompatibleCheckpointError naming the
+#     file and the step);
+#   - leave tensors as they are (no copies, no dtype or device changes: they may be memory-
+#     mapped from the file) and not set ``state[VERSION]`` (check_and_migrate does);
+#   - stay forever: a step is never removed or changed once released, since a file of any
+#     past version loads through the whole chain.
+#
+# Bumping the format (FORMAT_VERSION v -> v + 1), in one change:
+#   1. the golden files of version v exist in tests/golden/ (``v<v>_*.pth`` and their
+#      ``.json``), written by ``tests/golden/make_golden.py`` with the last release that
+#      writes v, before any code change; they are committed and never regenerated;
+#   2. change the writer (the function that builds the saved state) and the readers
+#      (``restore``, ``read_info``, ``inspect``) to the new layout, set FORMAT_VERSION = v + 1,
+#      and register MIGRATIONS[v];
+#   3. add a test to tests/test_format_golden.py that loads each v-file through the chain
+#      and checks what the step changed (the tests of the older golden files keep passing
+#      unchanged: they check only what a user sees after loading);
+#   4. once released, run make_golden.py with that release to add the ``v<v + 1>_*`` files.
 MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {}
 
 
@@ -58,7 +93,22 @@ def check_and_migrate(obj: Any, path: str) -> Dict[str, Any]:
             path, f"format version {version} was written by a newer nn_handler (this one reads up to "
                   f"{FORMAT_VERSION}); upgrade nn_handler to load it")
     while version < FORMAT_VERSION:
-        obj = MIGRATIONS[version](obj)
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise IncompatibleCheckpointError(
+                path, f"format version {version} cannot be upgraded to {version + 1}: this nn_handler (format "
+                      f"version {FORMAT_VERSION}) has no migration step for it (nn_handler.checkpointing.format."
+                      f"MIGRATIONS[{version}] is missing); load it with the release that wrote it")
+        try:
+            upgraded = step(obj)
+        except Exception as exc:  # a step's failure is about this file: name it and the step
+            raise IncompatibleCheckpointError(
+                path, f"upgrading format version {version} to {version + 1} failed: {type(exc).__name__}: "
+                      f"{str(exc)[:300]}") from exc
+        if not isinstance(upgraded, dict):
+            raise IncompatibleCheckpointError(
+                path, f"upgrading format version {version} to {version + 1} gave {short(upgraded)}, not a dict")
+        obj = upgraded
         version += 1
         obj[VERSION] = version
     return obj

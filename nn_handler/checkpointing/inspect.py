@@ -7,7 +7,7 @@ lineage and the run config. It never raises: a damaged file is reported (``integ
 and so is every record of a wrong type (``problems``: a file can be forged with a valid
 checksum and any plain value at any key), next to what could be read.
 
-``diff(a, b)`` reads both files through the verified reader (``read_checkpoint``): a damaged
+``diff(a, b)`` reads both files through the verified reader (``CheckpointFile``): a damaged
 file is refused with CorruptCheckpointError naming it, never compared (a flipped bit would
 otherwise show as a weight change). It then compares the two reports and the tensors present
 in both.
@@ -17,14 +17,15 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .. import specs
 from . import format as F
-from .errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
-from .io import PathLike, file_checksum, safe_load, verify
+from .errors import CheckpointError, NotACheckpointError
+from .file import CheckpointFile, broken_header_is_damage
+from .io import PathLike, file_checksum
 
 _MAX_TENSOR_ROWS = 40  # above this, the table is summarised by module prefix
 # Bounds on what a report repeats of a file's plain records (a report is for reading).
@@ -329,13 +330,16 @@ def _has_trailer(path: str) -> bool:
         return False
 
 
-def _integrity(path: str) -> Dict[str, Any]:
+def _integrity(ckpt: Optional[CheckpointFile], path: str, opening: Optional[CheckpointError]) -> Dict[str, Any]:
+    """Whether ``ckpt``'s checksum holds (``opening``: why it could not even be opened)."""
     integrity: Dict[str, Any] = {}
     try:
-        verification = verify(path)
-        integrity["verified"] = verification.checksum
-        integrity["checksum"] = file_checksum(path) if verification.checksum else None
-        if not verification.checksum:
+        if opening is not None:
+            raise opening
+        ckpt.verify()
+        integrity["verified"] = ckpt.verified
+        integrity["checksum"] = ckpt.checksum if ckpt.verified else None
+        if not ckpt.verified:
             integrity["reason"] = "the file carries no checksum (not written by nn_handler)"
     except NotACheckpointError as exc:
         if _has_trailer(path):  # its header is broken but its end says atomic_save wrote it: damage
@@ -348,24 +352,34 @@ def _integrity(path: str) -> Dict[str, Any]:
     return integrity
 
 
-def inspect(path: PathLike) -> Dict[str, Any]:
+def inspect(path: Union[PathLike, CheckpointFile]) -> Dict[str, Any]:
     """A report of what ``path`` records, as plain JSON-friendly data. Never raises for a damaged file.
 
     ``integrity`` says whether the checksum holds; ``error`` why the contents cannot be read at
-    all; ``problems`` (handler files) lists each record of a wrong type, shown as empty.
+    all; ``problems`` (handler files) lists each record of a wrong type, shown as empty. The
+    file is opened and checksummed once (given an open ``CheckpointFile``, that one).
     """
-    path_str = os.fspath(path)
+    given = path if isinstance(path, CheckpointFile) else None
+    path_str = given.path if given is not None else os.fspath(path)
     report: Dict[str, Any] = {"path": path_str}
     try:
         report["file_bytes"] = os.path.getsize(path_str)
     except OSError as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         return report
+    ckpt, opening = given, None
     try:
-        integrity = _integrity(path_str)
+        if ckpt is None:
+            try:
+                ckpt = CheckpointFile.open(path_str)
+            except CheckpointError as exc:
+                opening = exc
+        integrity = _integrity(ckpt, path_str, opening)
         report["integrity"] = integrity
         try:
-            obj = safe_load(path_str, map_location="cpu", mmap=True)
+            if ckpt is None:
+                raise opening
+            obj = ckpt.contents()
         except CheckpointError as exc:
             report["error"] = str(exc)
             return report
@@ -375,6 +389,9 @@ def inspect(path: PathLike) -> Dict[str, Any]:
                                                   "damaged")
     except Exception as exc:  # noqa: BLE001 (the promise: a report, never a raw error)
         report["error"] = f"cannot inspect {path_str}: {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        if ckpt is not None and ckpt is not given:
+            ckpt.close()
     return report
 
 
@@ -396,21 +413,23 @@ def _changes(a: Any, b: Any) -> Dict[str, Tuple[Any, Any]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def _verified(path: str) -> Any:
-    """The contents of ``path`` through the verified reader: a damaged file raises CorruptCheckpointError."""
-    from . import read_checkpoint  # (the package imports this module)
-
+def _verified(path: Union[str, CheckpointFile]) -> Tuple[str, Any]:
+    """``(path, contents)`` of a verified ``path`` (tensors mapped): a damaged file raises CorruptCheckpointError."""
+    path_str = path.path if isinstance(path, CheckpointFile) else os.fspath(path)
     try:
-        return read_checkpoint(path, map_location="cpu", mmap=True)
+        ckpt = CheckpointFile.open(path)
+        try:
+            ckpt.verify()
+            return path_str, ckpt.contents()
+        finally:
+            if ckpt is not path:
+                ckpt.close()
     except NotACheckpointError as exc:
-        if _has_trailer(path):  # its header is broken but atomic_save wrote it: damage, not another format
-            raise CorruptCheckpointError(path, f"{exc.message}, although it carries an nn_handler checksum "
-                                               f"record: the file is damaged") from None
-        raise
+        raise broken_header_is_damage(path_str, exc) from None
     except (CheckpointError, FileNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 (what the reader did not foresee is still about this file)
-        raise CheckpointError(path, f"cannot read it ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise CheckpointError(path_str, f"cannot read it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 def _weights(obj: Any) -> Dict[str, torch.Tensor]:
@@ -454,9 +473,8 @@ def diff(a: PathLike, b: PathLike) -> Dict[str, Any]:
     Both files are read through the verified reader: a damaged one raises CorruptCheckpointError
     naming it; a file that holds no model weights raises NotACheckpointError.
     """
-    pa, pb = os.fspath(a), os.fspath(b)
-    oa = _verified(pa)
-    ob = _verified(pb)
+    pa, oa = _verified(a)
+    pb, ob = _verified(b)
     ra, rb = _report_of(pa, oa), _report_of(pb, ob)
     for report in (ra, rb):
         if report.get("error"):

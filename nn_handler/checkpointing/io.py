@@ -56,9 +56,6 @@ _TRAILER = struct.Struct("<10sQQII")  # magic, chunk size, covered length, table
 TRAILER_SIZE = _TRAILER.size
 _PARALLEL_MIN = 4 * 1024 * 1024  # below this a write is hashed inline
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Switches for the benchmarks that measure what the checksum costs; always on otherwise.
-_WRITE_CHECKSUMS = True
-_VERIFY_CHECKSUMS = True
 _MAP_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)  # (not on Windows)
 
 
@@ -209,10 +206,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     """
     def write(fd: int, tmp_name: str) -> None:
         with os.fdopen(fd, "w+b", closefd=False) as f:
-            if _WRITE_CHECKSUMS:
-                _save_with_trailer(obj, f)
-            else:
-                torch.save(obj, f)
+            _save_with_trailer(obj, f)
             f.flush()
 
     return atomic_write(path, write, "checkpoint ")
@@ -261,14 +255,6 @@ def atomic_write(path: PathLike, write: Callable[[int, str], None], what: str = 
 
 
 # ---------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class Verification:
-    """What ``verify`` found: ``checksum`` is True (verified) or False (the file carries none)."""
-
-    checksum: bool
-    size: int
-
-
 def file_checksum(path: PathLike) -> Optional[str]:
     """The checksum a file written by ``atomic_save`` carries (read from its trailer only), or None."""
     path = Path(path)
@@ -386,19 +372,6 @@ def check_table(path: PathLike, trailer: Trailer, crcs: Dict[int, int]) -> None:
                                            "after it was written")
 
 
-def verify(path: PathLike) -> Verification:
-    """Check the file's checksum trailer, if it has one; raise CorruptCheckpointError on any mismatch."""
-    path = check_readable_file(path)
-    size = path.stat().st_size
-    if not _VERIFY_CHECKSUMS:
-        return Verification(True, size)
-    trailer = read_trailer(path)
-    if trailer is None:
-        return Verification(False, size)
-    check_table(path, trailer, chunk_crcs(path, trailer))
-    return Verification(True, size)
-
-
 def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError.
 
@@ -408,7 +381,7 @@ def safe_load(path: PathLike, map_location: Optional[Union[str, torch.device]] =
     unpickled or allocated. Then ``weights_only=True`` unpickles the very file that was
     scanned (opened once; a save replacing ``path`` meanwhile cannot swap it). So no code
     from the file can run and a small file cannot make this allocate much more than its
-    size. Callers verify the checksum first (``verify``).
+    size. Callers verify the checksum (``CheckpointFile``).
     """
     path = check_readable_file(path)
     try:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import CheckpointError
+from .file import CheckpointFile
 from .format import is_count, short
-from .io import read_trailer, safe_load, verify
+from .io import read_trailer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -35,15 +36,23 @@ class NoCheckpointFound(FileNotFoundError):
     """A directory holds no complete, verified checkpoint."""
 
 
+class SkippedCheckpoints(UserWarning):
+    """``find_latest`` passed over files it could not use; ``skipped`` says which and why, one line each."""
+
+    def __init__(self, message: str, skipped: List[str]):
+        super().__init__(message)
+        self.skipped = list(skipped)
+
+
 def checkpoint_name(epoch: int, global_step: int, tag: str = "") -> str:
     return f"ckpt-e{epoch:04d}-s{global_step:09d}{'-' + tag if tag else ''}.pth"
 
 
-def _progress(path: Path) -> Tuple[Optional[Tuple[int, int, int]], str]:
-    """``((global_step, epoch, step_in_epoch), "")`` recorded in ``path`` (only its small records are read),
+def _progress(ckpt: CheckpointFile) -> Tuple[Optional[Tuple[int, int, int]], str]:
+    """``((global_step, epoch, step_in_epoch), "")`` recorded in ``ckpt`` (only its small records are read),
     or ``(None, why it cannot be ranked)``. Never raises: the file may hold anything."""
     try:
-        state = safe_load(path, map_location="cpu", mmap=True)
+        state = ckpt.contents()
     except CheckpointError as exc:
         return None, exc.message
     except Exception as exc:  # noqa: BLE001 (e.g. the file went away meanwhile)
@@ -85,35 +94,57 @@ def find_latest(directory: PathLike) -> Path:
 
     Ordered by training progress recorded in the files, not by file times. The files it cannot
     use (damaged, partial, without a checksum, another tool's file, a progress record that is
-    not whole numbers) are skipped, all named in one warning; NoCheckpointFound when none is left.
+    not whole numbers) are skipped, all named in one warning (``SkippedCheckpoints``);
+    NoCheckpointFound when none is left.
     """
+    with open_latest(directory) as ckpt:
+        return Path(ckpt.path)
+
+
+def open_latest(directory: PathLike) -> CheckpointFile:
+    """``find_latest``'s file, opened and verified: each candidate is opened once, its header ranked,
+    and only the chosen one is hashed (then the others are closed). The caller closes the result."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NotADirectoryError(f"not a directory: {directory}")
-    ranked: List[Tuple[Tuple[int, int, int], str, Path]] = []
+    ranked: List[Tuple[Tuple[int, int, int], str, CheckpointFile]] = []
     skipped: List[str] = []
-    for path in _candidates(directory):
-        progress, why = _progress(path)
-        if progress is None:
-            skipped.append(f"{path}: not a usable nn_handler checkpoint ({why})")
-            continue
-        ranked.append((progress, path.name, path))
-    found = None
-    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
-        try:
-            if verify(path).checksum:
-                found = path
-                break
-            skipped.append(f"{path}: it carries no checksum")
-        except CheckpointError as exc:
-            skipped.append(f"damaged checkpoint {path}: {exc.message}")
-        except OSError as exc:  # gone or unreadable since it was listed
-            skipped.append(f"{path}: {exc}")
+    found: Optional[CheckpointFile] = None
+    try:
+        for path in _candidates(directory):
+            try:
+                ckpt = CheckpointFile.open(path)
+            except CheckpointError as exc:
+                skipped.append(f"damaged checkpoint {path}: {exc.message}")
+                continue
+            except OSError as exc:  # gone or unreadable since it was listed
+                skipped.append(f"{path}: {exc}")
+                continue
+            progress, why = _progress(ckpt)
+            if progress is None:
+                ckpt.close()
+                skipped.append(f"{path}: not a usable nn_handler checkpoint ({why})")
+                continue
+            ranked.append((progress, path.name, ckpt))
+        for _, _, ckpt in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
+            try:
+                if ckpt.trailer is not None and ckpt.verify().verified:
+                    found = ckpt
+                    break
+                skipped.append(f"{ckpt.path}: it carries no checksum")
+            except CheckpointError as exc:
+                skipped.append(f"damaged checkpoint {ckpt.path}: {exc.message}")
+            except OSError as exc:
+                skipped.append(f"{ckpt.path}: {exc}")
+    finally:
+        for _, _, ckpt in ranked:
+            if ckpt is not found:
+                ckpt.close()
     if skipped:
         message = (f"skipping {skipped[0]}" if len(skipped) == 1 else
                    f"skipping {len(skipped)} files under {directory} that are not usable checkpoints: "
                    + "; ".join(skipped))
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(SkippedCheckpoints(message, skipped), stacklevel=3)
     if found is None:
         raise NoCheckpointFound(f"no complete, verified checkpoint found under {directory}")
     return found
@@ -279,7 +310,8 @@ def _monitored(h: "NNHandler", name: str) -> Optional[float]:
 def _recorded_score(path: Path, monitor: Optional[str]) -> Optional[float]:
     """The monitored value the store recorded in ``path`` (a finite float), or None. Never raises."""
     try:
-        state = safe_load(path, map_location="cpu", mmap=True)
+        with CheckpointFile.open(path) as ckpt:
+            state = ckpt.contents()
     except Exception:  # noqa: BLE001 (unreadable: not ranked)
         return None
     metadata = state.get("metadata") if isinstance(state, dict) else None
@@ -301,8 +333,10 @@ def _protected(h: "NNHandler") -> List[str]:
     return [parent] if parent else []
 
 
-def lineage_for(parent_path: Optional[PathLike], previous: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """A new run's lineage record: its own id and, when it continues from a file, that file."""
+def lineage_for(parent_path: Optional[PathLike], previous: Optional[Dict[str, Any]],
+                checksum: Any = "read") -> Dict[str, Any]:
+    """A new run's lineage record: its own id and, when it continues from a file, that file (and
+    its ``checksum``, read from the file's checksum record unless the caller, who opened it, says)."""
     import uuid
 
     from .io import file_checksum
@@ -310,6 +344,6 @@ def lineage_for(parent_path: Optional[PathLike], previous: Optional[Dict[str, An
     record: Dict[str, Any] = {"run_id": uuid.uuid4().hex, "parent": None}
     if parent_path is not None:
         parent = Path(parent_path).resolve()
-        record["parent"] = {"path": str(parent), "checksum": file_checksum(parent),
+        record["parent"] = {"path": str(parent), "checksum": file_checksum(parent) if checksum == "read" else checksum,
                             "run_id": (previous or {}).get("run_id")}
     return record

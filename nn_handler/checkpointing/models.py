@@ -1,0 +1,142 @@
+"""The recorded model: canonical weight keys, loading weights with errors that name keys and shapes,
+and the trust rules for the model class a file names (checked before anything is built)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from .. import specs
+from ..modules import unwrap
+from .errors import IncompatibleCheckpointError, UnsafeCheckpointError
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def canonical_state_dict(state_dict: Dict[str, Any], reference: Optional[Any] = None) -> Dict[str, Any]:
+    """Model weights without DDP (``module.``) or torch.compile (``_orig_mod.``) prefixes.
+
+    The one place where prefixes from other tools are tolerated; files written here never have them.
+    With ``reference`` (the keys of the model being loaded), a prefix that the model's own keys
+    carry too (a model whose only child is called ``module``) is removed only when that makes
+    more of the keys match.
+    """
+    state_dict = dict(state_dict)
+    own = None if reference is None else set(reference)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if not (state_dict and all(k.startswith(prefix) for k in state_dict)):
+                continue
+            if own is not None and any(k.startswith(prefix) for k in own):
+                stripped = {k[len(prefix):] for k in state_dict}
+                if len(stripped & own) <= len(set(state_dict) & own):
+                    continue
+            consume_prefix_in_state_dict_if_present(state_dict, prefix)
+            changed = True
+    return state_dict
+
+
+def load_model_weights(module: nn.Module, state_dict: Dict[str, Any], strict: bool, path: str,
+                       warn) -> None:
+    """``module.load_state_dict`` with errors that name keys and shapes, and a warning when not strict."""
+    if not isinstance(state_dict, dict):
+        raise IncompatibleCheckpointError(path, f"the model weights are a {type(state_dict).__name__}, not a state_dict")
+    module = unwrap(module)
+    own = module.state_dict()
+    state_dict = canonical_state_dict(state_dict, own)
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items()
+                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if mismatched:
+        raise IncompatibleCheckpointError(path, "shape mismatch in the model weights: " + "; ".join(mismatched))
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise IncompatibleCheckpointError(
+            path, f"model weights do not match the model (strict_load=True): missing keys {missing}, "
+                  f"unexpected keys {unexpected}; pass strict_load=False to load what matches")
+    module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        warn(f"non-strict load from {path}: missing keys {missing} (left as initialised), "
+             f"unexpected keys {unexpected} (ignored)")
+
+
+def unsafe(path: str, exc: "specs.UntrustedTarget", skip_flag: Optional[str] = None) -> UnsafeCheckpointError:
+    """The refusal of a target a file names, with how to allow it when the user trusts the file."""
+    how = []
+    if exc.package:
+        how.append(f"pass trusted_packages=[{exc.package!r}] to NNHandler.load")
+    if skip_flag:
+        how.append(f"pass {skip_flag}=True to leave it out")
+    hint = f" (if you trust this file: {', or '.join(how)})" if how else ""
+    error = UnsafeCheckpointError(path, f"{exc}{hint}")
+    error.target, error.slot, error.package, error.skip_flag = exc.target, exc.slot, exc.package, skip_flag
+    error.refusal = str(exc)
+    return error
+
+
+def recorded_model_problem(handler_class: type, model_class: Any, kwargs: Dict[str, Any],
+                           weight_elements: int) -> Optional[str]:
+    """Why a model built from a file's spec (class and kwargs) must not be built, or None.
+
+    The kwargs go to the model only: a name the handler itself takes (``logger_mode``,
+    ``use_distributed``) is never one a save recorded. And a model whose weights the file does
+    not hold (so it is built for real) may not need far more than the file's weights: a small
+    file cannot make load allocate gigabytes through a recorded ``width=8192``.
+    """
+    import inspect as _inspect
+    own = {n for n, p in _inspect.signature(handler_class.__init__).parameters.items()
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    clash = sorted(set(kwargs) & own)
+    if clash:
+        return f"the recorded model kwargs {clash} are {handler_class.__name__}'s own parameters, never recorded"
+    try:
+        with torch.device("meta"):
+            module = model_class(**kwargs)
+    except Exception:
+        return None  # the real build reports its own error
+    if not isinstance(module, nn.Module):
+        return None
+    need = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
+    if need > 2 * weight_elements + (16 << 20):
+        return (f"the recorded model {model_class.__qualname__}({kwargs}) has {need:,} weight elements, far more "
+                f"than the {weight_elements:,} the file holds; pass model_class= and its kwargs if you mean it")
+    return None
+
+
+def weight_elements(weights: Any) -> int:
+    """The elements of a state_dict's dense tensors (what building the model for real may be measured against)."""
+    return sum(v.numel() for v in (weights or {}).values()
+               if isinstance(v, torch.Tensor) and v.layout == torch.strided)
+
+
+def resolve_recorded_model(target: str, path: str, trusted_packages: Any = ()) -> Any:
+    """The model class (or trusted factory) a checkpoint at ``path`` records as ``target``, under
+    ``load``'s trust rules; ``UnsafeCheckpointError`` when they refuse it. Nothing is built."""
+    return recorded_model_class({"spec": {specs.TARGET: target}}, os.fspath(path), specs.Trust.of(trusted_packages))[0]
+
+
+def recorded_model_class(entry: Dict[str, Any], path: str, trust: "specs.Trust") -> Tuple[Any, Dict[str, Any]]:
+    """The recorded model class (or a factory the caller trusts), checked before anything is built."""
+    target, kwargs = specs.split(entry["spec"])
+    try:
+        found = specs.resolve(target, "model", expected=nn.Module, functions=True, trusted=trust)
+        if not isinstance(found, type) and not trust.vouches_for(found):
+            # A factory is called before it can be checked: only one the caller names.
+            raise specs.refusal(target, "model", "a function as the model is built only when the caller trusts it")
+        return found, kwargs
+    except specs.UntrustedTarget as exc:
+        own = specs.model_module_trust(target, os.path.dirname(os.path.abspath(path)))
+        if not own:
+            raise unsafe(path, exc) from None
+        # The model's own (installed or already imported) module: its nn.Module classes only.
+        try:
+            return specs.resolve(target, "model", expected=nn.Module, functions=False,
+                                 trusted=trust.with_modules(*own)), kwargs
+        except specs.UntrustedTarget as again:
+            raise unsafe(path, again) from None
