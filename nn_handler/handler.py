@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed, parts, rng, specs
-from .callbacks.base import Callback
+from .callbacks.base import HOOKS, Callback, dispatch, unknown_hooks
 from .checkpointing import format as F
 from .checkpointing.store import lineage_for
 from .data import DataSlot, build_dataset, build_loader
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DeviceLike = Optional[Union[str, torch.device]]
 logger = logging.getLogger("nn_handler")
 _UNSET = object()
+_TOLD_HOOKS: set = set()  # (callback class, method name) already warned about as not a hook
 
 
 def _as_lists(value: Any) -> Any:
@@ -104,11 +105,10 @@ class NNHandler:
             # DDP's initial broadcast of rank 0's parameters would only copy them again.
             self._model = nn.parallel.DistributedDataParallel(module, device_ids=ids,
                                                               **({"init_sync": False} if adopted else {}))
-        # Each component's record: name -> (spec or None, reason it could not be recorded).
-        # ``load`` rebuilds only nn.Module classes, so a factory function is not recordable.
-        model_record = (specs.record(model_class, model_kwargs) if isinstance(model_class, type) else
-                        (None, f"model_class {getattr(model_class, '__qualname__', model_class)!r} is a function, "
-                               f"not an nn.Module class"))
+        # Each component's record: name -> (spec or None, reason it could not be recorded). A class or
+        # an importable function returning the module (``timm.create_model``, ``mypkg.models.build``)
+        # is recorded alike; ``load`` calls a recorded function only when the caller trusts it.
+        model_record = specs.record(model_class, model_kwargs)
         self._records: Dict[str, Tuple[Optional[dict], Optional[str]]] = {"model": model_record}
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._scheduler: Any = None
@@ -130,6 +130,8 @@ class NNHandler:
         # checkpoint), after load where to go on.
         self._progress = Progress()
         self.stop_training = False
+        # What a file can say of a model class it cannot name (one in a __main__ script): its name and kwargs.
+        self._model_origin = (getattr(model_class, "__qualname__", None), dict(model_kwargs))
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -309,10 +311,17 @@ class NNHandler:
         return changed
 
     def set_loss_fn(self, loss_fn: Callable, **kwargs: Any) -> None:
-        """A loss class (built with ``kwargs``) or a function (``kwargs`` bound to it)."""
+        """A loss class (built with ``kwargs``) or a function (``kwargs`` bound to it), or a built loss.
+
+        A built loss is recorded when its constructor arguments can be recovered exactly (torch's own
+        losses: ``CrossEntropyLoss(label_smoothing=0.1)``); otherwise ``save`` warns that it is not
+        recorded (pass the class and its kwargs instead).
+        """
         if isinstance(loss_fn, nn.Module):
-            built, record = loss_fn, (None, f"the loss was given as a built {type(loss_fn).__name__}; "
-                                            f"pass the class and its kwargs to record it")
+            recovered = specs.builtin_loss_kwargs(loss_fn)
+            built, record = loss_fn, (specs.record(type(loss_fn), recovered) if recovered is not None else (
+                None, f"the loss was given as a built {type(loss_fn).__name__} whose constructor arguments cannot be "
+                      f"recovered; pass the class and its kwargs to record it"))
             if kwargs:
                 raise TypeError("kwargs are only accepted with a loss class or function, not a built loss module")
         elif isinstance(loss_fn, type):
@@ -337,8 +346,17 @@ class NNHandler:
         self._not_restored.pop(f"metric:{name}", None)
 
     def add_callback(self, callback: Callback) -> None:
+        """Add ``callback``; its hooks run in the order callbacks were added. A method that looks like
+        a hook (``on_...``) but is none is told once per class: the loop would never call it."""
         if not isinstance(callback, Callback):
             raise TypeError(f"callbacks must subclass nn_handler.callbacks.Callback, got {callback!r}")
+        for name, close in unknown_hooks(callback):
+            key = (type(callback), name)
+            if key not in _TOLD_HOOKS:
+                _TOLD_HOOKS.add(key)
+                hint = f"; did you mean {close}?" if close else f"; the hooks are {', '.join(HOOKS)}"
+                self._warn(f"{type(callback).__qualname__}.{name} looks like a callback hook but is none, so it is "
+                           f"never called{hint}")
         self._callbacks.append(callback)
 
     def set_sde(self, sde_class: Optional[type], **kwargs: Any) -> None:
@@ -422,6 +440,8 @@ class NNHandler:
             from .checkpointing.store import CheckpointStore
             store = checkpoint_dir if isinstance(checkpoint_dir, CheckpointStore) else \
                 CheckpointStore(checkpoint_dir, keep_last=keep_last)
+            if epochs:
+                store.check_monitor(self)  # a misspelled monitor: an error now, not a warning at the first save
         elif save_every_n_steps or save_every_n_epochs:
             raise ValueError("save_every_n_steps / save_every_n_epochs need a checkpoint_dir")
         if handle_signals is None:
@@ -653,7 +673,13 @@ class NNHandler:
     def header(self) -> Dict[str, Any]:
         """The plain records a checkpoint holds besides the parts: world size and the model's spec."""
         spec, reason = self._records["model"]
-        return {F.WORLD_SIZE: self.world_size, F.MODEL: {"spec": spec, "model_type": str(self.model_type)},
+        model: Dict[str, Any] = {"spec": spec, "model_type": str(self.model_type)}
+        if spec is None:  # the class's name and plain kwargs, so that a load can say what to pass
+            name, kwargs = self._model_origin
+            model["name"] = name
+            if not specs.plain_problem(specs.to_plain(kwargs), "kwargs"):
+                model["kwargs"] = specs.to_plain(kwargs)
+        return {F.WORLD_SIZE: self.world_size, F.MODEL: model,
                 F.UNRECORDED: {} if spec is not None else {"model": reason or "not recordable"}}
 
     def _put_ema(self, ema: Optional[EMA]) -> None:
@@ -676,6 +702,8 @@ class NNHandler:
         """Write the whole handler to ``path`` atomically. Under DDP rank 0 writes and every rank waits."""
         from .checkpointing.save import save
         save(self.parts(), self.header(), path, self._dist, self._warn)
+        for cb in dispatch(self._callbacks, "on_save"):
+            cb.on_save(self, os.fspath(path))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike, "CheckpointFile"], device: DeviceLike = None,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Sequ
 import torch
 
 from . import distributed, specs
+from .callbacks.base import dispatch
 from .checkpointing import format as F
 from .checkpointing.errors import CheckpointError, IncompatibleCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .checkpointing.fastload import build_module_from_weights
@@ -170,7 +171,9 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         if model_entry.get("spec") is None:
             raise IncompatibleCheckpointError(
                 path, f"the model class was not recorded in this checkpoint "
-                      f"({unrecorded.get('model', 'unknown reason')}): load its weights with {HOW_TO_SET['model']}")
+                      f"({unrecorded.get('model', 'unknown reason')}): pass it, NNHandler.load(path, "
+                      f"model_class=YourModel, model_kwargs={{...}}) to restore the whole training state, or load only "
+                      f"its weights with {HOW_TO_SET['model']}")
         try:
             model_class, recorded_kwargs = recorded_model_class(model_entry, path, trust)
         except specs.SpecError as exc:
@@ -225,6 +228,8 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         h._warn(f"{path} was saved by {saved_world} process(es) and is loaded by {h.world_size}: training goes on, "
                 f"but the data order differs from the original run and random states are restored only for "
                 f"ranks below {min(saved_world, h.world_size)}")
+    for cb in dispatch(h.callbacks, "on_load"):
+        cb.on_load(h, path)
     parts[F.RNG].load_state_dict(state.get(F.RNG))  # last: building the parts above draws random numbers
     return h
 

@@ -87,7 +87,8 @@ class EulerMaruyama(Sampler):
             return x
         times = torch.linspace(float(sde.T), float(sde.eps), int(steps) + 1, device=x.device, dtype=x.dtype)
         x_mean = x
-        for i in tqdm(range(int(steps)), disable=not progress_bar, desc="sampling", unit="step",
+        # disable=None: shown only when stderr is a terminal (no carriage returns in a redirected log)
+        for i in tqdm(range(int(steps)), disable=None if progress_bar else True, desc="sampling", unit="step",
                       leave=False, mininterval=0.5):
             t = times[i].expand(n)
             dt = float(times[i] - times[i + 1])

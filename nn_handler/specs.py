@@ -103,6 +103,47 @@ def record(target: Any, kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[Opt
     return {TARGET: path, **plain}, None
 
 
+_DEPRECATED_LOSS_ARGS = ("size_average", "reduce")  # folded into ``reduction`` by torch's losses
+
+
+def builtin_loss_kwargs(loss: Any) -> Optional[Dict[str, Any]]:
+    """The constructor kwargs that rebuild ``loss``, one of torch.nn's own losses, exactly; else None.
+
+    Each constructor argument is read back from the attribute of the same name; the result is
+    checked by building the loss again and comparing every public attribute. A tensor argument
+    (``weight=``, ``pos_weight=``) is not plain data, so such a loss is not recovered.
+    """
+    import inspect
+
+    import torch
+    cls = type(loss)
+    if not (isinstance(loss, torch.nn.Module) and cls.__module__ == "torch.nn.modules.loss"):
+        return None
+    kwargs: Dict[str, Any] = {}
+    try:
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name in _DEPRECATED_LOSS_ARGS:
+                continue
+            if not hasattr(loss, name):
+                return None
+            value = getattr(loss, name)
+            if isinstance(value, torch.Tensor) or plain_problem(value, name):
+                return None
+            if param.default is inspect.Parameter.empty or value != param.default:
+                kwargs[name] = value
+        rebuilt = cls(**kwargs)
+    except Exception:  # noqa: BLE001 (a signature or attribute this check does not understand)
+        return None
+
+    def public(module: Any) -> Dict[str, Any]:
+        return {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+    same = public(rebuilt) == public(loss) and all(
+        (a is None) == (b is None) and (a is None or (a.shape == b.shape and bool((a == b).all())))
+        for a, b in ((dict(rebuilt.named_buffers()).get(n), t) for n, t in loss.named_buffers()))
+    return kwargs if same else None
+
+
 def split(spec: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """``(target path, kwargs)`` of a spec."""
     if not isinstance(spec, Mapping) or not isinstance(spec.get(TARGET), str):

@@ -56,6 +56,8 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("data.num_workers", HARMLESS, "loader performance only"),
     ("data.pin_memory", HARMLESS, "loader performance only"),
     ("data.val_batch_size", HARMLESS, "validation batching only"),
+    ("logger", HARMLESS, "experiment logging"),
+    ("objective", HARMLESS, "what a sweep optimises"),
     ("seed", RISKY, "the random streams"),
     ("world_size", RISKY, "the effective batch size and the data shards"),
     ("train", RISKY, "a training setting"),
@@ -243,8 +245,15 @@ class Drift:
             for key in ("optimizer", "scheduler"):
                 if not (ctx.given(key) or cfg.load[f"skip_{key}"]):
                     current[key] = None
-        if info.get("loss_fn") and not ctx.given("loss"):
+        # The recorded loss, metrics and model type stay unless the command line names others (a config
+        # default is not the user's choice): the config's stand only where the file records none.
+        recorded_type = str(((info.get("model") or {}).get("model_type")) or "")
+        if not ctx.given("loss") and (info.get("loss_fn") or recorded_type in ("score_based", "generative")):
             current["loss"] = None
+        if not ctx.given("metrics") and info.get("kind") == "handler":
+            current["metrics"] = None
+        if not ctx.given("model_type") and recorded_type:
+            current["model_type"] = None
         keep = ["seed"] + (["optimizer", "scheduler"] if task == "finetune" else [])
         # What this run's checkpoints store: the config it actually ran with.
         # (a checkpoint without a run config still records its optimizer, scheduler and loss specs)

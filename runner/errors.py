@@ -40,6 +40,14 @@ def user_errors() -> Iterator[None]:
         raise RunnerError(str(exc)) from exc  # library's message names the path and what is intact
 
 
+def one_line(exc: BaseException, limit: int = 2000) -> str:
+    """``exc`` as one line: its message (a RunnerError's as is, others after their type name), lines joined."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, RunnerError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def trust_hint(exc: Any) -> str:
     """How to allow a refused target from the command line, when the user trusts the file."""
     how = []

@@ -83,6 +83,63 @@ def leave() -> None:
     teardown()
 
 
+def join_submitit_job() -> bool:
+    """Inside a submitit job of several tasks (``hydra/launcher=submitit_local`` or ``slurm`` with
+    ``tasks_per_node`` > 1): export the job's ranks for torch.distributed (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT from submitit's job environment) and join the group, so
+    the job is one multi-rank DDP run. True when it joined (the caller leaves after the job)."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or dist.is_initialized():
+        return False
+    try:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+        if submitit.JobEnvironment().num_tasks <= 1:
+            return False
+    except Exception:  # noqa: BLE001 (not inside a submitit job after all)
+        return False
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    _init_process_group()
+    return True
+
+
+# ---------------------------------------------------------------------------- logging
+# The loggers whose INFO lines are the run's story; every other logger (matplotlib, PIL, urllib3, the
+# user's own packages...) says only warnings and errors unless ``hydra.verbose`` names it.
+OWN_LOGGERS = ("runner", "nn_handler")
+
+
+def _verbose_names(verbose: Any) -> List[str]:
+    """``hydra.verbose`` as a list of logger names (true: the runner's own loggers)."""
+    if isinstance(verbose, bool) or verbose is None:
+        return list(OWN_LOGGERS) if verbose else []
+    return [str(verbose)] if isinstance(verbose, str) else [str(name) for name in verbose]
+
+
+def configure_logging(verbose: Any = False) -> None:
+    """The job's logging, set once over what Hydra (or a worker) configured: the root logger at WARNING,
+    the runner's and nn_handler's loggers (and Hydra's) at INFO, each logger ``hydra.verbose`` names at
+    DEBUG (``hydra.verbose=true``: the runner's and nn_handler's), warnings routed to the log (once),
+    and the records marked ``file_only`` (an error Hydra prints itself) kept off the console."""
+    names = _verbose_names(verbose)
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in (*OWN_LOGGERS, "hydra"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in names:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    logging.captureWarnings(True)  # the library's warnings reach runner.log and the console, once
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+                not any(isinstance(f, _NotOnConsole) for f in handler.filters):
+            handler.addFilter(_NotOnConsole())
+
+
+def _hydra_verbose() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    verbose = HydraConfig.get().verbose
+    return verbose if isinstance(verbose, (bool, str)) else [str(name) for name in verbose]
+
+
 # ---------------------------------------------------------------------------- running a job
 def _quiet_console_on_other_ranks() -> None:
     """Ranks other than 0 keep their full log in their own file; the terminal gets warnings only."""
@@ -94,10 +151,24 @@ def _quiet_console_on_other_ranks() -> None:
 
 
 def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
-    """The Hydra task function's body: run the task here, or start workers that do."""
+    """The Hydra task function's body: run the task here, or start workers that do (a submitit job
+    of several tasks is one DDP run: each task is a rank)."""
+    joined = join_submitit_job()
+    try:
+        return _run_job(cfg)
+    finally:
+        if joined:
+            leave()
+
+
+def _run_job(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     ctx = RunContext.from_hydra()
-    logging.captureWarnings(True)  # the library's warnings reach runner.log and the console, once
+    verbose = _hydra_verbose()
+    configure_logging(verbose)
     _quiet_console_on_other_ranks()
+    log.debug("task=%s in %s (launched from %s), overrides %s; loggers at DEBUG: %s", cfg.task, ctx.output_dir,
+              ctx.launch_dir, ctx.overrides, ", ".join(_verbose_names(verbose)) or "none")
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     nproc = int(cfg.launcher.nproc_per_node)
     if nproc < 1:
         raise RunnerError(f"launcher.nproc_per_node must be >= 1, got {nproc}")
@@ -106,8 +177,32 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
             log.warning("launcher.nproc_per_node=%d ignored: already running as rank %d of %d under torchrun",
                         nproc, _rank(), env_topology().world_size)
         else:
-            return self_launch(cfg, ctx, nproc)
+            try:
+                return self_launch(cfg, ctx, nproc, verbose)
+            except Exception as exc:
+                tasks.record_failure(cfg, ctx, exc, keep_failed=True)  # a failed rank 0 recorded more
+                raise
     return tasks.run(cfg, ctx)
+
+
+# metrics.json keys that are bookkeeping, never an objective.
+_NOT_OBJECTIVES = ("epoch", "world_size", "signal", "exit_code")
+
+
+def returned_to_hydra(cfg: DictConfig, record: Optional[Dict[str, Any]]) -> Any:
+    """What the job returns to Hydra: its record, or with ``objective=<metric>`` that metric as a float,
+    which optimising sweepers (Optuna, Nevergrad, Ax) minimise or maximise. A metric with no value
+    (null in metrics.json: not run, or NaN/infinite) is NaN, which Optuna counts as a failed trial."""
+    name = cfg.get("objective")
+    if name is None:
+        return record
+    numeric = [k for k, v in (record or {}).items()
+               if k not in _NOT_OBJECTIVES and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
+    if name not in numeric:
+        raise RunnerError(f"objective={name} is not a metric of task={cfg.task}: "
+                          f"choose one of {', '.join(numeric) or '(this task records none)'}")
+    value = record[name] if record else None
+    return float("nan") if value is None else float(value)
 
 
 def _failure_message(exc: Exception) -> str:
@@ -139,7 +234,7 @@ class _NotOnConsole(logging.Filter):
         return not getattr(record, "file_only", False)
 
 
-def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[str, Any]]:
+def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int, verbose: Any = False) -> Optional[Dict[str, Any]]:
     """Run this job as ``nproc`` local workers through torch.distributed's elastic launch."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -164,7 +259,7 @@ def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[s
     except ImportError:  # pragma: no cover
         SignalException = ()  # type: ignore[assignment]
     try:
-        results = elastic_launch(config, _worker)(container, ctx)
+        results = elastic_launch(config, _worker)(container, ctx, verbose)
     except SignalException as exc:  # this process was signalled: the agent forwarded it to the workers
         code = 128 + int(getattr(exc, "sigval", 15))
         log.warning("stopped by signal %s: the workers saved a pre-emption checkpoint; exit code %d",
@@ -181,10 +276,9 @@ def self_launch(cfg: DictConfig, ctx: RunContext, nproc: int) -> Optional[Dict[s
     return results.get(0) if results else None
 
 
-def _setup_worker_logging(output_dir: str, rank: int) -> None:
+def _setup_worker_logging(output_dir: str, rank: int, verbose: Any = False) -> None:
     fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
     os.makedirs(output_dir, exist_ok=True)
     file_handler = logging.FileHandler(os.path.join(output_dir, resolvers.log_file()))
     file_handler.setFormatter(fmt)
@@ -193,18 +287,16 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.addFilter(_NotOnConsole())  # a worker's error is told once, by the parent
     root.handlers[:] = [file_handler, console]
+    configure_logging(verbose)
 
 
-def _worker(container: Dict[str, Any], ctx: RunContext) -> Optional[Dict[str, Any]]:
-    """One self-launched rank: the composed config, the job's directory, the process group."""
-    _setup_worker_logging(ctx.output_dir, _rank())
-    logging.captureWarnings(True)
+def _worker(container: Dict[str, Any], ctx: RunContext, verbose: Any = False) -> Optional[Dict[str, Any]]:
+    """One self-launched rank: the composed config, the job's directory, the process group. A failure
+    is logged in the rank's file by ``tasks.run``; the parent tells it on the console."""
+    _setup_worker_logging(ctx.output_dir, _rank(), verbose)
     cfg = OmegaConf.create(container)
     _init_process_group()
     try:
         return tasks.run(cfg, ctx)
-    except RunnerError as exc:
-        log.error("%s", exc, extra={"file_only": True})
-        raise
     finally:
         leave()

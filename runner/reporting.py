@@ -1,7 +1,9 @@
 """What a run leaves behind: metrics.json per job, summary.csv per sweep, the next commands."""
 from __future__ import annotations
 
+import atexit
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -9,8 +11,10 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
@@ -20,6 +24,12 @@ log = logging.getLogger("runner")
 
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.csv"
+# A job's outcome as Hydra saw it, in its .hydra/ (SweepSummary.on_job_end).
+JOB_STATUS_FILE = "job_status.json"
+# Files older than the sweep's start by more than this are a reused sweep directory's leftovers.
+FRESH_SLACK_S = 2.0
+# summary.csv's own columns; an override key of the same name gets the prefix "override.".
+_SUMMARY_COLUMNS = ("job", "status", "error")
 
 
 def _plain_number(value: Any) -> Any:
@@ -60,28 +70,75 @@ def _shown_path(path: str, launch_dir: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def next_commands(checkpoint: str, launch_dir: str, trust: Sequence[str] = ()) -> str:
-    """The commands that resume, fine-tune and infer from ``checkpoint``, run from ``launch_dir``;
-    ``trust``: the user's own modules the checkpoint names, which those commands must trust."""
-    value = _shown_path(checkpoint, launch_dir)
-    # Hydra's override grammar and the shell both need quoting for unusual characters.
+def _override_value(value: str) -> str:
+    """``value`` as Hydra's override grammar reads it back unchanged (quoted when it has unusual characters)."""
     if any(c in value for c in " ,=[]{}()'\"\\$:*?"):
         value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    arg = shlex.quote(f"checkpoint.path={value}")
+    return value
+
+
+def _config_sources_of_argv(argv: Sequence[str]) -> Dict[str, str]:
+    """``--config-dir`` / ``-cd`` and ``--config-name`` / ``-cn`` as given in ``argv``."""
+    found: Dict[str, str] = {}
+    names = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in names and eq:
+            found[names[flag]] = value
+        elif arg in names and i + 1 < len(argv):
+            found[names[arg]] = argv[i + 1]
+    return found
+
+
+def _config_source_args(launch_dir: str) -> List[str]:
+    """The Hydra flags a later command needs to compose the config as this run did: the user's
+    ``--config-dir`` (shown relative to ``launch_dir`` when inside it) and a ``--config-name`` other than
+    the runner's own. From Hydra's runtime config when this process has one, else the command line."""
+    config_dir: Optional[str] = None
+    name: Optional[str] = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            for source in hc.runtime.config_sources:
+                if source.provider == "command-line" and source.schema == "file":
+                    config_dir = str(source.path)
+            name = hc.job.config_name
+    except Exception:  # noqa: BLE001 (no Hydra runtime here: a worker process; the command line says it)
+        config_dir = name = None
+    if config_dir is None and name is None:
+        given = _config_sources_of_argv(sys.argv[1:])
+        config_dir = given.get("dir")
+        config_dir = os.path.abspath(os.path.join(launch_dir, config_dir)) if config_dir else None
+        name = given.get("name")
+    args: List[str] = []
+    if config_dir:
+        args += ["--config-dir", shlex.quote(_shown_path(config_dir, launch_dir))]
+    if name and name != "config":
+        args += ["--config-name", shlex.quote(name)]
+    return args
+
+
+def next_commands(checkpoint: str, launch_dir: str, trust: Sequence[str] = (), generative: bool = False) -> str:
+    """The commands that resume, fine-tune and infer from (or, for a ``generative`` model, sample from)
+    ``checkpoint``, each working as printed when run from ``launch_dir``: with this run's ``--config-dir``
+    (and ``--config-name``), and ``trust``, the user's own modules the checkpoint names (which those
+    commands build from the file, so must trust)."""
+    arg = shlex.quote(f"checkpoint.path={_override_value(_shown_path(checkpoint, launch_dir))}")
     if trust:
-        arg += " " + shlex.quote(f"load.trusted_packages=[{','.join(trust)}]")
+        arg += " " + shlex.quote(f"load.trusted_packages=[{','.join(_override_value(t) for t in trust)}]")
+    runner = " ".join(["python -m runner", *_config_source_args(launch_dir)])
+    use = (f"  sample:    {runner} task=sample {arg} seed=0" if generative else
+           f"  infer:     {runner} task=infer {arg}")
     return "\n".join([
         f"checkpoint: {checkpoint}",
         "next, from this directory:",
-        f"  resume:    python -m runner task=resume {arg} train.epochs=5",
-        f"  fine-tune: python -m runner task=finetune {arg} optimizer.lr=1e-4",
-        f"  infer:     python -m runner task=infer {arg}",
-        f"  sweep:     python -m runner -m task=finetune {arg} optimizer.lr=1e-3,1e-4",
+        f"  resume:    {runner} task=resume {arg} train.epochs=5",
+        f"  fine-tune: {runner} task=finetune {arg} optimizer.lr=1e-4",
+        use,
+        f"  sweep:     {runner} -m task=finetune {arg} optimizer.lr=1e-3,1e-4",
     ])
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 class OutputDirCheck(HydraCallback):
@@ -107,50 +164,180 @@ class OutputDirCheck(HydraCallback):
 
 
 class SweepSummary(HydraCallback):
-    """Writes ``summary.csv`` at the sweep directory after every job of a multirun.
+    """Writes ``summary.csv`` at the sweep directory, in the process that runs the sweep.
 
-    One row per job: its number, status, its overrides (one column per key) and the keys
-    of its metrics.json; a failed job gets its row with the error. The file is rewritten
-    after each job, so it is complete even when a failure ends the sweep.
+    Launchers run jobs elsewhere (joblib's workers, submitit's processes), so the rows are read
+    from the job directories this sweep wrote (``hydra.sweep.dir/<hydra.sweep.subdir>``, found by
+    their ``.hydra/`` files or ``metrics.json``; older leftovers in a reused sweep directory are
+    skipped): at the end of the multirun, or at exit when a failed job made the sweeper raise
+    (Hydra then skips ``on_multirun_end``). One row per job: its number, status, its overrides
+    (one column per key), the keys of its metrics.json and the error. Each job also records what
+    Hydra saw of its task function in ``.hydra/job_status.json`` (``on_job_end``, in the job's own
+    process): the error of a job that wrote no metrics.json. A failed job makes the command exit 1.
     """
 
     def __init__(self) -> None:
-        self.rows: Dict[int, Dict[str, Any]] = {}
-        self.override_keys: List[str] = []
-        self.metric_keys: List[str] = []
+        self._sweep_dir: Optional[str] = None
+        self._hydra_subdir: Optional[str] = None
+        self._since = 0.0
+        self._done = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
+        subdir = config.hydra.output_subdir
+        self._hydra_subdir = None if subdir is None else str(subdir)
+        self._since = _file_system_now(self._sweep_dir) - FRESH_SLACK_S
+        self._done = False
+        atexit.register(self._finish)  # a sweeper that raised on a failed job: the summary all the same
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = self._finish()
+        failed = [job for job in jobs if job.status != "completed"]
+        if failed:  # a sweeper that tolerated failures (e.g. optuna's max_failure_rate): still an error
+            print(f"Error: {len(failed)} of {len(jobs)} sweep jobs did not complete "
+                  f"(jobs {', '.join(job.name for job in failed)}); see {os.path.join(str(self._sweep_dir), SUMMARY_FILE)}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """In the job's process: its outcome as Hydra saw it, for the summary."""
         hydra_cfg = config.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN or os.environ.get("RANK", "0") != "0":
+        if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.output_subdir is None:
             return
-        row: Dict[str, Any] = {"job": int(hydra_cfg.job.num)}
         failed = job_return.status != JobStatus.COMPLETED
-        row["status"] = "failed" if failed else "completed"
-        for override in job_return.overrides or []:
-            key = _override_key(override)
-            row[key] = override.split("=", 1)[1] if "=" in override else ""
-            if key not in self.override_keys:
-                self.override_keys.append(key)
-        metrics_path = os.path.join(str(hydra_cfg.runtime.output_dir), METRICS_FILE)
-        if os.path.isfile(metrics_path):
-            with open(metrics_path) as fh:
-                metrics = json.load(fh)
-            for key, value in metrics.items():
-                row[key] = value
-                if key not in self.metric_keys:
-                    self.metric_keys.append(key)
-        row["error"] = str(job_return._return_value) if failed else ""
-        self.rows[row["job"]] = row
-        self._write(os.path.join(str(hydra_cfg.sweep.dir), SUMMARY_FILE))
+        error = job_return._return_value if failed else None
+        record = {"status": "failed" if failed else "completed",
+                  "error": (str(error) or type(error).__name__) if failed else None}
+        path = os.path.join(str(hydra_cfg.runtime.output_dir), str(hydra_cfg.output_subdir), JOB_STATUS_FILE)
+        if os.path.isdir(os.path.dirname(path)):
+            _atomic_json(path, record)
 
-    def _write(self, path: str) -> None:
-        metric_keys = [k for k in self.metric_keys if k not in self.override_keys]
-        columns = ["job", "status", *self.override_keys, *metric_keys, "error"]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            for job in sorted(self.rows):
-                writer.writerow({k: ("" if v is None else v) for k, v in self.rows[job].items() if k in columns})
-        os.replace(tmp, path)
-        log.info("sweep summary: %s", path)
+    def _finish(self) -> List["_Job"]:
+        """Read every job of this sweep and write summary.csv (once)."""
+        if self._done or self._sweep_dir is None:
+            return []
+        self._done = True
+        jobs = [self._read_job(d) for d in self._job_dirs()]
+        jobs.sort(key=lambda job: (job.num is None, job.num if job.num is not None else 0, job.name))
+        if jobs:
+            _write_summary(os.path.join(self._sweep_dir, SUMMARY_FILE), jobs)
+        return jobs
+
+    def _fresh(self, path: str) -> bool:
+        try:
+            return os.path.getmtime(path) >= self._since
+        except OSError:
+            return False
+
+    def _job_dirs(self) -> List[str]:
+        """The directories of this sweep's jobs: a fresh ``.hydra/overrides.yaml`` or ``metrics.json``."""
+        assert self._sweep_dir is not None
+        found = []
+        for root, dirs, _ in os.walk(self._sweep_dir):
+            marks = [os.path.join(root, METRICS_FILE)]
+            if self._hydra_subdir:
+                marks.append(os.path.join(root, self._hydra_subdir, "overrides.yaml"))
+            if root != self._sweep_dir and any(self._fresh(p) for p in marks):
+                found.append(root)
+                dirs[:] = []  # a job's own subdirectories (checkpoints, samples) hold no jobs
+            else:
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .submitit, .hydra
+        return found
+
+    def _read_job(self, job_dir: str) -> "_Job":
+        assert self._sweep_dir is not None
+        job = _Job(name=os.path.relpath(job_dir, self._sweep_dir))
+        hydra_dir = os.path.join(job_dir, self._hydra_subdir) if self._hydra_subdir else None
+        if hydra_dir is not None:
+            num = _read_yaml(os.path.join(hydra_dir, "hydra.yaml"))
+            for key in ("hydra", "job", "num"):  # hydra.job.num
+                num = num.get(key) if isinstance(num, dict) else None
+            job.num = num if isinstance(num, int) and not isinstance(num, bool) else None
+            for override in _read_yaml(os.path.join(hydra_dir, "overrides.yaml")) or []:
+                key, _, value = str(override).partition("=")
+                job.overrides[key.lstrip("+~")] = value
+        if job.num is None and job.name.isdigit():
+            job.num = int(job.name)
+        outcome = self._read_fresh_json(os.path.join(hydra_dir, JOB_STATUS_FILE)) if hydra_dir else None
+        metrics = self._read_fresh_json(os.path.join(job_dir, METRICS_FILE))
+        job.metrics = {k: v for k, v in (metrics or {}).items() if k not in ("status", "error")}
+        statuses = [str(r["status"]) for r in (metrics, outcome) if r and r.get("status")]
+        errors = [str(r["error"]) for r in (metrics, outcome) if r and r.get("error")]
+        if not statuses:
+            job.status, job.error = "failed", "the job did not finish (no metrics.json)"
+        else:
+            # Hydra's word (job_status.json) wins over metrics.json's when it says the job failed.
+            job.status = next((s for s in statuses if s != "completed"), "completed")
+            job.error = errors[0] if errors else ""
+        return job
+
+    def _read_fresh_json(self, path: str) -> Optional[Dict[str, Any]]:
+        if not self._fresh(path):
+            return None
+        try:
+            with open(path) as fh:
+                value = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
+@dataclasses.dataclass
+class _Job:
+    name: str  # the job's directory, relative to the sweep directory
+    num: Optional[int] = None
+    status: str = "failed"
+    error: str = ""
+    overrides: Dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _file_system_now(directory: str) -> float:
+    """The time as the sweep directory's file system stamps files (a remote one may differ from ours)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".runner-sweep-start-") as probe:
+            return os.fstat(probe.fileno()).st_mtime
+    except OSError:
+        return time.time()
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _atomic_json(path: str, record: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _write_summary(path: str, jobs: Sequence[_Job]) -> None:
+    """One row per job; unique column names: job, status, the overrides, the metrics, error."""
+    override_keys: Dict[str, str] = {}  # key -> column
+    metric_keys: List[str] = []
+    for job in jobs:
+        for key in job.overrides:
+            override_keys.setdefault(key, f"override.{key}" if key in _SUMMARY_COLUMNS else key)
+    for job in jobs:
+        for key in job.metrics:
+            if key not in override_keys and key not in metric_keys:  # an overridden key shows its override
+                metric_keys.append(key)
+    columns = ["job", "status", *override_keys.values(), *metric_keys, "error"]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for job in jobs:
+            row: Dict[str, Any] = {key: job.metrics[key] for key in metric_keys if key in job.metrics}
+            row.update({override_keys[k]: v for k, v in job.overrides.items()})
+            row.update(job=job.num if job.num is not None else job.name, status=job.status, error=job.error)
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    os.replace(tmp, path)
+    log.info("sweep summary: %s", path)

@@ -46,6 +46,6 @@ def log_file() -> str:
     return f"{LOG_NAME}.log" if rank == 0 else f"{LOG_NAME}.rank{rank}.log"
 
 
-OmegaConf.register_new_resolver("runner_now", _now, replace=True)
+OmegaConf.register_new_resolver("runner_now", _now, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("runner_hydra_subdir", _hydra_subdir, replace=True)
 OmegaConf.register_new_resolver("runner_log_file", log_file, replace=True)

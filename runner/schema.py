@@ -131,6 +131,14 @@ class ExportConf:
 
 
 @dataclass
+class LoggerConf:
+    """The experiment logger of a training task (group ``logger``), writing into ``<run dir>/logs/``."""
+
+    name: str = "none"  # none | csv | tensorboard
+    every_n_steps: int = 50  # the train loss and learning rates every N optimizer steps (0: epoch rows only)
+
+
+@dataclass
 class ResumeConf:
     # Let a resume go on although the model differs from the checkpoint's (class or kwargs);
     # the difference is still reported as a warning.
@@ -158,6 +166,7 @@ class RunnerConfig:
     # The SDE of a score-based model: a _target_ (e.g. nn_handler.sde.VPSDE) plus its kwargs; null: none.
     sde: Optional[Dict[str, Any]] = None
     sample: SampleConf = field(default_factory=SampleConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
     load: LoadConf = field(default_factory=LoadConf)
     device: Optional[str] = None  # null: cuda:LOCAL_RANK under DDP, else cuda when available, else cpu
     seed: Optional[int] = 0  # null: do not re-seed (a resume continues the saved random streams)
@@ -167,6 +176,9 @@ class RunnerConfig:
     inspect: InspectConf = field(default_factory=InspectConf)
     diff: DiffConf = field(default_factory=DiffConf)
     export: ExportConf = field(default_factory=ExportConf)
+    # -m with an optimising sweeper (hydra/sweeper=optuna, nevergrad, ax): the metrics.json key each job
+    # returns to it as a float, e.g. val_loss; null: jobs return their whole record.
+    objective: Optional[str] = None
 
 
 def register() -> None:

@@ -349,7 +349,8 @@ def test_a_compiled_model_is_saved_without_the_orig_mod_prefix(tmp_path):
     h = NNHandler(hc.compiled_mlp, device="cpu", **hc.MODEL_KWARGS)  # a factory: compiles lazily, never here
     assert all(k.startswith("_orig_mod.") for k in h.model.state_dict())  # the compiled wrapper
     assert not any(k.startswith("_orig_mod.") for k in h.module.state_dict())  # the user's own module
-    with pytest.warns(NNHandlerWarning, match=r"model cannot be recorded.*compiled_mlp.*is a function"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NNHandlerWarning)  # a factory is recorded as such (issue 15)
         h.save(tmp_path / "compiled.pt")
     saved = torch.load(tmp_path / "compiled.pt", weights_only=True)["model_state_dict"]
     assert sorted(saved) == sorted(MLP(**hc.MODEL_KWARGS).state_dict())
@@ -359,12 +360,13 @@ def test_a_compiled_model_is_saved_without_the_orig_mod_prefix(tmp_path):
     hc.assert_same(saved, h3.module.state_dict(), "weights")
 
 
-def test_a_model_built_by_a_function_warns_on_save_and_load_says_how_to_get_the_weights(tmp_path):
+def test_a_model_built_by_a_function_is_rebuilt_by_load_only_when_trusted(tmp_path):
     h = NNHandler(hc.compiled_mlp, device="cpu", **hc.MODEL_KWARGS)
-    with pytest.warns(NNHandlerWarning, match="model cannot be recorded"):
-        h.save(tmp_path / "factory.pt")
-    with pytest.raises(CheckpointError, match=r"model class was not recorded.*initialize_from_checkpoint"):
+    h.save(tmp_path / "factory.pt")
+    with pytest.raises(CheckpointError, match=r"compiled_mlp.*function.*trusted_packages="):
         NNHandler.load(tmp_path / "factory.pt")
+    h2 = NNHandler.load(tmp_path / "factory.pt", trusted_packages=hc.TRUST)
+    hc.assert_same(h.module.state_dict(), h2.module.state_dict(), "weights")
 
 
 # ---------------------------------------------------------------------------- initialize_from_checkpoint

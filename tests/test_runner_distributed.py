@@ -75,4 +75,5 @@ def test_a_failure_on_one_rank_ends_the_torchrun_job_promptly_with_a_nonzero_exi
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert time.monotonic() - start < 90
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    record = tmp_path / "out" / "metrics.json"  # rank 0 saw the group fail: a failed record, never "completed"
+    assert not record.exists() or json.loads(record.read_text())["status"] == "failed"

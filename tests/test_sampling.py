@@ -124,7 +124,9 @@ def test_sampling_uses_the_ema_weights_and_leaves_the_live_weights_untouched(tra
     assert torch.equal(with_ema, expected)
 
 
-def test_progress_bar_shows_on_long_runs_only(capsys):
+def test_progress_bar_shows_on_long_runs_only(capsys, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a bar shows only on a terminal
     h = exact_handler()
     h.sample((4, 2), steps=20, seed=0)
     assert "sampling" not in capsys.readouterr().err

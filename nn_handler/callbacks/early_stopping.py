@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from ._monitor import better, check_mode, monitored
+from ._monitor import better, check_mode, check_monitor, monitored
 from .base import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,7 +16,9 @@ class EarlyStopping(Callback):
     An improvement beats the best value so far by more than ``min_delta`` (down for
     ``mode="min"``, up for ``"max"``). Epochs without a value for ``monitor`` (not
     validated) neither improve nor count against the patience. The best value and the
-    epochs waited are state: a resumed run goes on counting where it stopped.
+    epochs waited are state: a resumed run goes on counting where it stopped. A ``monitor``
+    the run never logs (see ``_monitor.logged_names``) is refused when training starts, with a
+    ``SettingError`` naming the values it does log.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
@@ -34,6 +36,10 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch: Optional[int] = None
         self._warned = False
+
+    def on_train_begin(self, handler: "NNHandler") -> None:
+        """Refuse, before any epoch, a ``monitor`` this run never logs (a misspelling, val_* without validation)."""
+        check_monitor("EarlyStopping", self.monitor, handler)
 
     def on_epoch_end(self, handler: "NNHandler", epoch: int, logs: Dict[str, float]) -> None:
         value = monitored(logs, self.monitor)

@@ -8,7 +8,7 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Pattern
 
-from ._monitor import better, check_mode, monitored
+from ._monitor import better, check_mode, check_monitor, monitored
 from .base import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,9 +24,11 @@ class ModelCheckpoint(Callback):
     written only when its score enters the best ``save_top_k`` (-1 keeps all, 0 none); the
     file that falls out is deleted. An epoch without a value for ``monitor`` (not
     validated, say) writes no ranked file. ``monitor=None`` ranks by epoch, keeping the
-    latest k. ``save_last`` also writes ``last_filename`` every time. Every file is a whole
-    handler checkpoint written through ``handler.save`` (atomic; under DDP rank 0 writes),
-    and it already lists itself in this callback's state.
+    latest k; a ``monitor`` the run never logs (``loss``/``train_loss``, ``lr``, the metrics, and
+    with validation data ``val_loss``/``val_<metric>``) is refused when training starts, with a
+    ``SettingError`` naming the values it does log. ``save_last`` also writes ``last_filename``
+    every time. Every file is a whole handler checkpoint written through ``handler.save``
+    (atomic; under DDP rank 0 writes), and it already lists itself in this callback's state.
 
     Only its own files are ever deleted: a file that falls out of the best k is removed only
     when it lies in ``dirpath``, its name fits ``filename``'s pattern and it carries this
@@ -184,6 +186,11 @@ class ModelCheckpoint(Callback):
         return None if path is None else self.best_k_models[path]
 
     # ------------------------------------------------------------------ hook
+    def on_train_begin(self, handler: "NNHandler") -> None:
+        """Refuse, before any epoch, a ``monitor`` this run never logs (a misspelling, val_* without validation)."""
+        if self.monitor is not None:
+            check_monitor("ModelCheckpoint", self.monitor, handler)
+
     def on_epoch_end(self, handler: "NNHandler", epoch: int, logs: Dict[str, float]) -> None:
         done = handler.epoch
         if done % self.every_n_epochs:

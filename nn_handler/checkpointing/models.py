@@ -121,22 +121,51 @@ def resolve_recorded_model(target: str, path: str, trusted_packages: Any = ()) -
     return recorded_model_class({"spec": {specs.TARGET: target}}, os.fspath(path), specs.Trust.of(trusted_packages))[0]
 
 
+def _function_refusal(target: str, found: Any) -> "specs.UntrustedTarget":
+    """The refusal of a recorded model factory nobody vouched for, naming what to trust."""
+    module = getattr(found, "__module__", None) or target.rsplit(".", 1)[0]
+    return specs.refusal(target, "model", f"it is a function returning the model, and a function a file names is "
+                                          f"called only when the caller trusts it by name ({module!r} or its package)")
+
+
+def _import_refusal(target: str, trust: "specs.Trust") -> Optional[str]:
+    """Why a target the caller vouches for was still refused: it does not import here (or None)."""
+    if not trust.covers(target):
+        return None
+    module = target.rsplit(".", 1)[0]
+    import importlib.util
+    try:
+        importable = importlib.util.find_spec(module.split(".", 1)[0]) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if importable:
+        return None
+    return (f"model: {target!r} is trusted but {module.split('.', 1)[0]!r} does not import here: make its package "
+            f"importable (run from the directory that holds it, or put that directory on PYTHONPATH)")
+
+
 def recorded_model_class(entry: Dict[str, Any], path: str, trust: "specs.Trust") -> Tuple[Any, Dict[str, Any]]:
-    """The recorded model class (or a factory the caller trusts), checked before anything is built."""
+    """The recorded model class (or a factory function the caller trusts by name), checked before anything
+    is built. A factory is called before its result can be checked, so only one the caller vouches for
+    (``trusted_packages=``) is returned; the model's own module alone makes only its classes buildable."""
     target, kwargs = specs.split(entry["spec"])
     try:
         found = specs.resolve(target, "model", expected=nn.Module, functions=True, trusted=trust)
         if not isinstance(found, type) and not trust.vouches_for(found):
-            # A factory is called before it can be checked: only one the caller names.
-            raise specs.refusal(target, "model", "a function as the model is built only when the caller trusts it")
+            raise _function_refusal(target, found)
         return found, kwargs
     except specs.UntrustedTarget as exc:
+        not_importable = _import_refusal(target, trust)
+        if not_importable:
+            raise specs.SpecError(not_importable) from None
         own = specs.model_module_trust(target, os.path.dirname(os.path.abspath(path)))
         if not own:
             raise unsafe(path, exc) from None
         # The model's own (installed or already imported) module: its nn.Module classes only.
         try:
-            return specs.resolve(target, "model", expected=nn.Module, functions=False,
-                                 trusted=trust.with_modules(*own)), kwargs
+            found = specs.resolve(target, "model", expected=nn.Module, functions=True, trusted=trust.with_modules(*own))
         except specs.UntrustedTarget as again:
             raise unsafe(path, again) from None
+        if not isinstance(found, type):
+            raise unsafe(path, _function_refusal(target, found)) from None
+        return found, kwargs

@@ -235,10 +235,29 @@ class CheckpointStore:
         self.monitor = monitor
         self.mode = mode
         self._not_pruned: set = set()  # files of the store's pattern that it did not write (warned once each)
+        self._monitor_checked = False
+
+    def check_monitor(self, h: "NNHandler") -> None:
+        """Raise ValueError, before training, when ``monitor`` is no value ``h``'s history will hold
+        (a misspelling, ``val_*`` without validation data), naming the values it will hold."""
+        self._monitor_checked = True
+        if not self.monitor:
+            return
+        names = monitor_names(h)
+        if self.monitor not in names:
+            hint = " (val_* values need validation data)" if self.monitor.startswith("val_") and \
+                h.val_loader is None else ""
+            raise ValueError(f"monitor {self.monitor!r} is not a value this run records{hint}; "
+                             f"choose one of {', '.join(names)}")
 
     def save(self, h: "NNHandler", tag: str = "") -> Path:
         """Save on every rank (rank 0 writes); then rank 0 updates ``last.pth`` and prunes."""
         path = self.directory / checkpoint_name(h.epoch, h.global_step, tag)
+        if not self._monitor_checked:  # not checked before training (the caller's job): never fail a save for it
+            try:
+                self.check_monitor(h)
+            except ValueError as exc:
+                logger.warning("%s; the checkpoints record no value for it, so keep_best ranks none", exc)
         if self.monitor:
             h.metadata["monitor"] = {"name": self.monitor, "value": _monitored(h, self.monitor)}
         h.save(path)
@@ -293,6 +312,16 @@ class CheckpointStore:
             self._not_pruned.add(path)
             logger.warning("retention leaves %s alone: %s, so it is not a checkpoint this store wrote", path, problem)
         return False
+
+
+def monitor_names(h: "NNHandler") -> List[str]:
+    """The values a store's ``monitor`` may name for ``h``: ``loss``/``train_loss``, ``train_<metric>``
+    and, with validation data, ``val_loss`` and ``val_<metric>``."""
+    metrics = list(h.metrics)
+    names = ["loss", "train_loss", *(f"train_{m}" for m in metrics)]
+    if h.val_loader is not None:
+        names += ["val_loss", *(f"val_{m}" for m in metrics)]
+    return names
 
 
 def _monitored(h: "NNHandler", name: str) -> Optional[float]:

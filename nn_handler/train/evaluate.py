@@ -94,11 +94,13 @@ def make_forward(model: torch.nn.Module, model_type: ModelType, loss_fn: Optiona
 
 
 @torch.no_grad()
-def evaluate(ctx: "LoopContext", loader: Any) -> Tuple[float, Dict[str, float]]:
+def evaluate(ctx: "LoopContext", loader: Any,
+             batch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Tuple[float, Dict[str, float]]:
     """Average loss and metrics of ``ctx``'s model over ``loader``, in eval mode.
 
     Exact under DDP: each rank sums over its share (an evaluation loader gives each sample to
-    one rank) and the sums are added over the ranks before dividing.
+    one rank) and the sums are added over the ranks before dividing. ``batch_end(index, logs)``
+    is called after each batch (the callbacks' validation batch hook).
     """
     module, device, metrics, forward = ctx.module, ctx.device, ctx.metrics, ctx.forward
     was_training = module.training
@@ -107,12 +109,14 @@ def evaluate(ctx: "LoopContext", loader: Any) -> Tuple[float, Dict[str, float]]:
     non_blocking = device.type == "cuda"
     try:
         with autocast_context(device, ctx.settings.use_amp):
-            for batch in loader:
+            for index, batch in enumerate(loader):
                 batch = to_device(batch, device, non_blocking)
                 loss, out, y, n = forward(batch)
                 sums.add(loss, n)
                 for name, fn in metrics.items():
                     sums.metrics[name] += float(fn(out, y)) * n
+                if batch_end is not None:
+                    batch_end(index, {"loss": loss.detach(), "batch_size": n})
     finally:
         module.train(was_training)
     return sums.reduce(ctx.dist)

@@ -18,7 +18,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from ..callbacks.base import Callback, overrides
+from ..callbacks.base import HOOKS, Callback, dispatch
 from ..distributed import DistInfo
 from ..ema import EMA
 from ..history import History
@@ -95,15 +95,18 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
     """
     h, progress, callbacks = ctx.handler, ctx.progress, ctx.callbacks
     loader = ctx.train.loader
-    hooks = {name: [cb for cb in callbacks if overrides(cb, name)]
-             for name in ("on_epoch_begin", "on_epoch_end", "on_batch_begin", "on_batch_end")}
+    hooks = {name: dispatch(callbacks, name) for name in HOOKS}
     distributed = ctx.dist.enabled and isinstance(ctx.model, torch.nn.parallel.DistributedDataParallel)
     try:
         steps_per_epoch: Optional[int] = len(loader)
     except TypeError:
         steps_per_epoch = None
+    before, after = hooks["on_before_optimizer_step"], hooks["on_after_optimizer_step"]
     stepper = Stepper(ctx.model, ctx.module, ctx.optimizer, ctx.forward, ctx.device, ctx.settings, progress,
-                      scaler=ctx.scaler, ema=ctx.ema, distributed=distributed)
+                      scaler=ctx.scaler, ema=ctx.ema, distributed=distributed,
+                      before_step=(lambda: [cb.on_before_optimizer_step(h, ctx.optimizer) for cb in before])
+                      if before else None,
+                      after_step=(lambda step: [cb.on_after_optimizer_step(h, step) for cb in after]) if after else None)
     show_bar = progress_bar and ctx.dist.is_main
     resume = progress.resume  # consumed: a later call starts its epochs from their beginning
     progress.resume = None
@@ -113,9 +116,9 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
     stops = StopRequests(handle_signals, agree=check_stop and distributed)
 
     h.stop_training = False
-    for cb in callbacks:
+    for cb in hooks["on_train_begin"]:
         cb.on_train_begin(h)
-    bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=not show_bar,
+    bar = tqdm(total=epochs * steps_per_epoch if steps_per_epoch else None, disable=None if show_bar else True,
                unit="batch", dynamic_ncols=True, mininterval=0.5, leave=True)
     with stops:
         try:
@@ -125,7 +128,7 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
                 sums = _train_epoch(ctx, stepper, hooks, bar if show_bar else None, resume,
                                     stops if check_stop else None, every_n_steps, steps_per_epoch is not None)
                 resume = None
-                logs = _close_epoch(ctx, epoch, sums)
+                logs = _close_epoch(ctx, epoch, sums, hooks)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss")}, refresh=False)
                 ctx.log_epoch(logs)
                 for cb in hooks["on_epoch_end"]:
@@ -147,7 +150,7 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
         finally:
             bar.close()
             progress.position = None
-    for cb in callbacks:
+    for cb in hooks["on_train_end"]:
         cb.on_train_end(h)
 
 
@@ -219,7 +222,7 @@ def _train_epoch(ctx: LoopContext, step: Stepper, hooks: Dict[str, List[Callback
     return sums
 
 
-def _close_epoch(ctx: LoopContext, epoch: int, sums: Averages) -> Dict[str, float]:
+def _close_epoch(ctx: LoopContext, epoch: int, sums: Averages, hooks: Dict[str, List[Callback]]) -> Dict[str, float]:
     """Average the epoch, validate when due, record the history, step the scheduler, count the
     epoch; returns the epoch's logs (loss, metrics, val_*, lr)."""
     settings, val, module, ema = ctx.settings, ctx.val, ctx.module, ctx.ema
@@ -229,11 +232,19 @@ def _close_epoch(ctx: LoopContext, epoch: int, sums: Averages) -> Dict[str, floa
     val_loss = math.nan
     val_metrics: Dict[str, float] = {name: math.nan for name in ctx.metrics}
     if validated:
+        h = ctx.handler
+        for cb in hooks["on_validation_begin"]:
+            cb.on_validation_begin(h, epoch)
+        batch_hooks = hooks["on_validation_batch_end"]
+        batch_end = (lambda index, batch_logs: [cb.on_validation_batch_end(h, index, batch_logs) for cb in batch_hooks]
+                     ) if batch_hooks else None
         with (ema.swapped_into(module) if ema is not None and settings.validate_with_ema
               else contextlib.nullcontext()):
-            val_loss, val_metrics = evaluate(ctx, val.loader)
+            val_loss, val_metrics = evaluate(ctx, val.loader, batch_end)
         logs["val_loss"] = val_loss
         logs.update({f"val_{k}": v for k, v in val_metrics.items()})
+        for cb in hooks["on_validation_end"]:
+            cb.on_validation_end(h, epoch, {"val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}})
     ctx.history.append(train_loss, train_metrics, val_loss if val.is_set else None,
                        val_metrics if val.is_set else None)
     scheduler = ctx.scheduler()

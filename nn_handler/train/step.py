@@ -8,7 +8,7 @@ micro-steps that do not update skip the gradient all-reduce (``no_sync``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -27,7 +27,8 @@ class Stepper:
 
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  forward: Forward, device: torch.device, settings: TrainSettings, progress: Progress,
-                 scaler: Optional[Any] = None, ema: Optional[EMA] = None, distributed: bool = False):
+                 scaler: Optional[Any] = None, ema: Optional[EMA] = None, distributed: bool = False,
+                 before_step: Optional[Callable[[], None]] = None, after_step: Optional[Callable[[int], None]] = None):
         self.model, self.module, self.optimizer, self.forward = model, module, optimizer, forward
         self.device, self.progress, self.scaler, self.ema = device, progress, scaler, ema
         self.accum = settings.gradient_accumulation_steps
@@ -36,6 +37,8 @@ class Stepper:
         self.distributed = distributed  # model is DistributedDataParallel
         self.divisor = self.accum  # the size of the current accumulation group
         self.pending = 0  # micro-steps since the last optimizer step
+        # The callbacks' before/after optimizer step hooks (None when no callback has them).
+        self.before_step, self.after_step = before_step, after_step
 
     def begin_epoch(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -92,14 +95,19 @@ class Stepper:
 
     def optimizer_step(self) -> None:
         """Unscale (AMP) and clip, step, zero the gradients, count the step, update the EMA."""
-        optimizer, scaler, clip = self.optimizer, self.scaler, self.clip
+        optimizer, scaler, clip, before = self.optimizer, self.scaler, self.clip, self.before_step
         if scaler is not None:
-            if clip:
+            if clip or before is not None:
                 scaler.unscale_(optimizer)
+            if before is not None:
+                before()
+            if clip:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
             scaler.step(optimizer)
             scaler.update()
         else:
+            if before is not None:
+                before()
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
             optimizer.step()
@@ -107,3 +115,5 @@ class Stepper:
         self.progress.global_step += 1
         if self.ema is not None:
             self.ema.update(self.module)
+        if self.after_step is not None:
+            self.after_step(self.progress.global_step)

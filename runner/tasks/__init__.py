@@ -16,12 +16,18 @@ then train or predict.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any, Callable, Dict
 
 from omegaconf import DictConfig
 
+from nn_handler.distributed import env_topology
+
+from .. import reporting
 from ..context import RunContext
-from ..errors import RunnerError, user_errors
+from ..errors import RunnerError, one_line, user_errors
 from .checkpoints import own_checkpoint
 from .export import export_task
 from .finetune import finetune_task
@@ -43,14 +49,53 @@ __all__ = ["TASKS", "TRAINING_TASKS", "READ_ONLY_TASKS", "run", "continue_run", 
            "finetune_task", "infer_task", "sample_task", "inspect_task", "diff_task", "export_task"]
 
 
+log = logging.getLogger("runner")
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
-    """The task ``cfg.task`` names (auto_resume of a training task: the run's own checkpoint first)."""
-    task = TASKS.get(str(cfg.task))
-    if task is None:
-        raise RunnerError(f"task={cfg.task!r} is not a task: choose one of {', '.join(TASKS)}")
-    with user_errors():
-        if bool(cfg.auto_resume) and str(cfg.task) in TRAINING_TASKS:
-            found = own_checkpoint(ctx)
-            if found is not None:
-                return continue_run(cfg, ctx, found)
-        return task(cfg, ctx)
+    """The task ``cfg.task`` names (auto_resume of a training task: the run's own checkpoint first).
+
+    A task that fails leaves its record: metrics.json with ``status: "failed"`` and the error in
+    one line (with how far training got, when it trained), and the error in the run's log file.
+    """
+    try:
+        task = TASKS.get(str(cfg.task))
+        if task is None:
+            raise RunnerError(f"task={cfg.task!r} is not a task: choose one of {', '.join(TASKS)}")
+        with user_errors():
+            if bool(cfg.auto_resume) and str(cfg.task) in TRAINING_TASKS:
+                found = own_checkpoint(ctx)
+                if found is not None:
+                    return continue_run(cfg, ctx, found)
+            return task(cfg, ctx)
+    except Exception as exc:  # a pre-emption is a SystemExit: it writes its own record
+        record_failure(cfg, ctx, exc)
+        raise
+
+
+def record_failure(cfg: DictConfig, ctx: RunContext, exc: BaseException, keep_failed: bool = False) -> None:
+    """The failed run's metrics.json (rank 0) and its error in the log file (the console hears it
+    from Hydra, once: ``file_only``). ``keep_failed``: leave a failed record already there (a
+    self-launch's rank 0 wrote it). Never raises: the original error is what the user must see."""
+    error = one_line(exc)
+    # RunnerError is the user's mistake, told in one line; anything else keeps its traceback in the file.
+    log.error("%s failed: %s", cfg.get("task"), error, exc_info=not isinstance(exc, RunnerError),
+              extra={"file_only": True})
+    if env_topology().rank != 0 or (keep_failed and _failed_record_exists(ctx.output_dir)):
+        return
+    if str(cfg.get("task")) in READ_ONLY_TASKS:  # inspect/diff write nothing, not even a failure record
+        return
+    record: Dict[str, Any] = {"task": str(cfg.get("task")), **(getattr(exc, "runner_progress", None) or {}),
+                              "status": "failed", "error": error}
+    try:
+        reporting.write_metrics(ctx.output_dir, record)
+    except Exception as write_error:  # noqa: BLE001 (a full disk, a vanished directory)
+        log.warning("could not write the failed run's %s: %s", reporting.METRICS_FILE, write_error)
+
+
+def _failed_record_exists(output_dir: str) -> bool:
+    try:
+        with open(os.path.join(output_dir, reporting.METRICS_FILE)) as fh:
+            return json.load(fh).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -72,9 +72,13 @@ def _full_kwargs(cls: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class ModelChoice:
-    """The model a load-based task builds: the recorded one, or the one the config names."""
+    """The model a load-based task builds: the recorded one, or the one the config names.
 
-    def __init__(self, cfg: DictConfig, info: Dict[str, Any], path_value: Any, path: str):
+    ``ctx`` (where given) says what the user gave on the command line: a ``model_type`` only the
+    config sets (a default) does not replace the recorded one."""
+
+    def __init__(self, cfg: DictConfig, info: Dict[str, Any], path_value: Any, path: str,
+                 ctx: Optional[RunContext] = None):
         self.path, self.trusted = path, trusted_packages_of(cfg)
         node = plain(cfg.model) or {}
         recorded = info.get("model")
@@ -85,9 +89,7 @@ class ModelChoice:
             self.cls = import_target(self.target, f"model.{specs.TARGET}")
         else:
             if recorded is None:
-                raise RunnerError(f"checkpoint.path={path_value} holds only model weights (a bare state_dict), so it "
-                                  f"does not say which model to build: give it, e.g. model=mlp or "
-                                  f"model._target_=pkg.module.Class with its kwargs")
+                raise RunnerError(_no_recorded_model(info, path_value))
             self.target = recorded["target"]
             # Keys given without a _target_ change the recorded constructor kwargs.
             self.kwargs = {**recorded["kwargs"], **node}
@@ -102,9 +104,11 @@ class ModelChoice:
                 raise
             except specs.SpecError as exc:
                 raise RunnerError(f"the model recorded in checkpoint.path={path_value} cannot be built here: {exc}; "
-                                  f"give the model with model=...") from None
+                                  f"or give the model with model=...") from None
         recorded_type = recorded.get("model_type") if recorded else None
-        self.model_type = cfg.model_type or recorded_type
+        # The user's model_type (the command line's; without ``ctx`` the config's), else the recorded one.
+        self.given_model_type = cfg.model_type if ctx is None or ctx.given("model_type") else None
+        self.model_type = self.given_model_type or recorded_type or cfg.model_type
 
     def differences(self) -> List[str]:
         """How the configured model differs from the recorded one (class, then each kwarg)."""
@@ -126,6 +130,18 @@ class ModelChoice:
         return out
 
 
+def _no_recorded_model(info: Dict[str, Any], path_value: Any) -> str:
+    """What to do about a checkpoint that does not say which model to build."""
+    how = ("give the model on the command line: model=NAME (a group of yours with --config-dir DIR) or "
+           "model._target_=pkg.module.ClassOrFunction with its kwargs")
+    if info.get("kind") == "handler":
+        why = ((info.get("unrecorded") or {}).get("model") or "no reason recorded")
+        return (f"checkpoint.path={path_value} is a training checkpoint, but its model was not recorded ({why}), so "
+                f"it does not say which model to build: {how}, the same model it was trained with")
+    return f"checkpoint.path={path_value} holds only model weights (a bare state_dict), so it does not say which " \
+           f"model to build: {how}, e.g. model=mlp"
+
+
 def handler_checkpoint(cfg: DictConfig, ctx: RunContext, needed: str) -> Tuple[CheckpointFile, Dict[str, Any], ModelChoice]:
     """``(opened checkpoint, info, model choice)`` of ``checkpoint.path``, which must hold a whole handler
     (``needed``: why)."""
@@ -133,7 +149,7 @@ def handler_checkpoint(cfg: DictConfig, ctx: RunContext, needed: str) -> Tuple[C
     info = checkpoint_info(ckpt, cfg.checkpoint.path)
     if info["kind"] != "handler":
         raise RunnerError(f"checkpoint.path={cfg.checkpoint.path} holds only model weights, {needed}")
-    return ckpt, info, ModelChoice(cfg, info, cfg.checkpoint.path, ckpt.path)
+    return ckpt, info, ModelChoice(cfg, info, cfg.checkpoint.path, ckpt.path, ctx)
 
 
 def new_handler(target: str, kwargs: Dict[str, Any], build: Callable[[], NNHandler]) -> NNHandler:
@@ -151,10 +167,11 @@ def from_weights(path: Union[str, CheckpointFile], cfg: DictConfig, choice: Mode
         **choice.kwargs))
 
 
-def load_handler(path: Any, cfg: DictConfig, choice: Optional[ModelChoice] = None) -> NNHandler:
-    """``NNHandler.load`` with the config's load flags: into ``choice``'s model when given, else the recorded one."""
-    if choice is None:
-        return NNHandler.load(path, **load_flags(cfg), model_type=cfg.model_type)
+def load_handler(path: Any, cfg: DictConfig, choice: ModelChoice, *, configured: bool = True) -> NNHandler:
+    """``NNHandler.load`` with the config's load flags: into ``choice``'s model when ``configured``, else the
+    recorded one (its recorded model type unless the user gave one)."""
+    if not configured:
+        return NNHandler.load(path, **load_flags(cfg), model_type=choice.given_model_type)
     return new_handler(choice.target, choice.kwargs, lambda: NNHandler.load(
         path, **load_flags(cfg), model_class=choice.cls, model_kwargs=choice.kwargs, model_type=choice.model_type))
 
@@ -212,6 +229,12 @@ def set_data(h: NNHandler, cfg: DictConfig, info: Optional[Dict[str, Any]], *, r
         except TypeError as exc:
             raise RunnerError(f"data.{name} ({spec.get(specs.TARGET)}): {exc}") from None
     if require_train and h.train_loader is None:
+        recorded_train = (recorded.get("train") or {}).get("dataset")
+        if isinstance(recorded_train, dict) and recorded_train.get(specs.TARGET):
+            raise RunnerError(f"no training data: the checkpoint's training dataset ({recorded_train[specs.TARGET]}) "
+                              f"could not be rebuilt here (see the warning above); if it is your own package, make it "
+                              f"importable (run from the directory that holds it, or put that directory on "
+                              f"PYTHONPATH), or give data=NAME or data.train={{_target_: ...}}")
         raise RunnerError("no training data: give data=NAME (e.g. data=digits) or data.train={_target_: ...}"
                           + (" (the checkpoint does not record a training dataset that can be rebuilt)" if info else ""))
 
@@ -268,13 +291,27 @@ def set_sde(h: NNHandler, cfg: DictConfig) -> None:
         _apply(h.set_sde, cfg.sde, "sde")
 
 
-def complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
-    """After a load: what the checkpoint did not bring back (or the user set again) comes from the config."""
-    if h.loss_fn is None or ctx.given("loss"):
+def keep_recorded_objective(h: NNHandler, cfg: DictConfig, ctx: RunContext, *, recorded: bool = True) -> None:
+    """After a load: the loss and metrics the checkpoint brought back stay, unless the command line names
+    others (``loss=...``, ``metrics...``): the config's defaults are not the user's choice. A model that
+    needs a loss (not generative) and got none from the file takes the config's; a file that records
+    no handler (``recorded=False``: bare weights) takes the config's metrics too."""
+    if ctx.given("loss"):
         set_loss(h, cfg)
+    elif h.loss_fn is None and not is_generative(h) and cfg.loss:
+        if h.rank == 0:
+            log.info("the checkpoint brings back no loss: using the config's loss (%s)", plain(cfg.loss).get(specs.TARGET))
+        set_loss(h, cfg)
+    if ctx.given("metrics") or not recorded:
+        set_metrics(h, cfg)
+
+
+def complete_from_config(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
+    """After a load: what the checkpoint did not bring back (or the user set again) comes from the config;
+    the recorded loss and metrics stay unless the user names others (``keep_recorded_objective``)."""
+    keep_recorded_objective(h, cfg, ctx)
     if h.sde is None or ctx.given("sde"):
         set_sde(h, cfg)
-    set_metrics(h, cfg)
     if h.optimizer is None:
         set_optimizer(h, cfg)
         set_scheduler(h, cfg)

@@ -13,10 +13,9 @@ from ..drift import Drift
 from .build import (
     ModelChoice,
     from_weights,
+    keep_recorded_objective,
     load_handler,
     set_data,
-    set_loss,
-    set_metrics,
     set_optimizer,
     set_scheduler,
 )
@@ -29,7 +28,7 @@ def finetune_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     ckpt = open_checkpoint(cfg, ctx)  # opened and verified once: its header here, its state for the load
     path = ckpt.path
     info = checkpoint_info(ckpt, cfg.checkpoint.path)
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path, ctx)
     check = Drift(cfg, ctx, info, choice)
     check.report([], allow=True)
     if cfg.seed is not None:
@@ -38,13 +37,12 @@ def finetune_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
         # A bare state_dict: the configured model with those weights, everything else from the config.
         h = from_weights(ckpt, cfg, choice)
     else:
-        h = load_handler(ckpt, cfg, choice if choice.configured else None)
+        h = load_handler(ckpt, cfg, choice, configured=choice.configured)
     if cfg.load.skip_optimizer or h.optimizer is None:
         set_optimizer(h, cfg)
     if cfg.load.skip_scheduler or h.scheduler is None:
         set_scheduler(h, cfg)
-    if h.loss_fn is None or ctx.given("loss"):
-        set_loss(h, cfg)
-    set_metrics(h, cfg)
+    # The recorded loss and metrics stay unless given on the command line (bare weights: the config's).
+    keep_recorded_objective(h, cfg, ctx, recorded=info["kind"] == "handler")
     set_data(h, cfg, info if info["kind"] == "handler" else None, require_train=True)
     return fit_and_save(h, cfg, ctx, checkpoint_read=path, run_config=check.effective)

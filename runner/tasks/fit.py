@@ -9,9 +9,10 @@ from typing import Any, Dict, Optional, Tuple
 from omegaconf import DictConfig
 
 from nn_handler import NNHandler, Preempted, SettingError
-from nn_handler.callbacks import SampleGrid
+from nn_handler.callbacks import CSVLogger, SampleGrid, TensorBoardLogger
 from nn_handler.checkpointing import CheckpointStore
 from nn_handler.distributed import env_topology
+from nn_handler.plotting import record_start
 
 from .. import reporting
 from ..callbacks import EpochProgressBar
@@ -24,6 +25,8 @@ from .checkpoints import CHECKPOINT_DIR, LAST
 log = logging.getLogger("runner")
 
 SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+LOGGERS = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
 
 
 def _store(cfg: DictConfig, directory: str) -> CheckpointStore:
@@ -66,6 +69,23 @@ def _sample_grid(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> Optional[Sam
     return grid
 
 
+def _loggers(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
+    """``logger=csv|tensorboard``: that logger writing into this run's ``logs/``, unless one of its kind was
+    restored from the checkpoint; restored loggers are moved here (same run directory: the same log goes on)."""
+    name = str(cfg.logger.name)
+    if name != "none" and name not in LOGGERS:
+        raise RunnerError(f"logger.name must be one of none, {', '.join(LOGGERS)}; got {name!r}")
+    directory = os.path.join(ctx.output_dir, LOGS_DIR)
+    restored = [cb for cb in h.callbacks if isinstance(cb, tuple(LOGGERS.values()))]
+    for cb in restored:
+        cb.relocate(directory)
+    if name != "none" and not any(isinstance(cb, LOGGERS[name]) for cb in restored):
+        try:
+            h.add_callback(LOGGERS[name](dirpath=directory, every_n_steps=int(cfg.logger.every_n_steps)))
+        except (ImportError, ValueError) as exc:
+            raise RunnerError(f"logger={name}: {exc}") from None
+
+
 def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str],
                  run_config: Optional[Dict[str, Any]] = None, epochs: Optional[int] = None,
                  seed: Any = "config") -> Dict[str, Any]:
@@ -78,8 +98,13 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
     # the run trains up to (auto_resume of a requeued resume/finetune continues to it).
     h.metadata["run_config"] = run_config if run_config is not None else run_config_of(cfg)
     h.metadata["runner"] = {"task": str(cfg.task), "target_epoch": h.epoch + epochs}
+    record_start(h, {"resume": "resumed", "finetune": "fine-tuned"}.get(str(cfg.task), "continued"))  # for the plots
     ckpt_dir = os.path.join(ctx.output_dir, CHECKPOINT_DIR)
     store = _store(cfg, ckpt_dir)
+    try:  # before any work: a misspelled monitor would otherwise rank (and prune) by a value that never exists
+        store.check_monitor(h)
+    except ValueError as exc:
+        raise RunnerError(f"save.monitor={cfg.save.monitor}: {exc}") from None
     every_n_steps, every_n_epochs = _every(cfg)
     last = os.path.join(ckpt_dir, LAST)
     # Without periodic saves (and nothing of the store's here yet) the final checkpoint is a plain
@@ -92,6 +117,7 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
             cb.confine_paths(ctx.output_dir, fallback=ckpt_dir)
     h.add_callback(EpochProgressBar(epochs, enabled=bool(t.progress_bar)))
     grid = _sample_grid(h, cfg, ctx)
+    _loggers(h, cfg, ctx)
     log.info("%s: %s on %s, world size %d, from epoch %d, %d epoch(s)", cfg.task, type(h.module).__name__,
              h.device, h.world_size, h.epoch, epochs)
     try:
@@ -109,8 +135,14 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
                         "task=resume checkpoint.path=%s", exc.signum, h.epoch, h.global_step, exc.checkpoint,
                         exc.code, ctx.output_dir)
         raise
-    except SettingError as exc:  # the library's validation of train.* settings
-        raise RunnerError(f"train: {exc}") from None
+    except SettingError as exc:  # the library's validation of train.* settings (and of restored callbacks' monitors)
+        raise RunnerError(f"train: {exc}" if exc.name != "monitor" else str(exc)) from None
+    except Exception as exc:  # the failed run's metrics.json (tasks.run writes it) says how far it got
+        try:
+            exc.runner_progress = reporting.training_metrics(h, str(cfg.task), checkpoint_read, None)
+        except Exception:  # noqa: BLE001 (an exception type without attributes: the error alone is recorded)
+            pass
+        raise
     if grid is not None and epochs and h.epoch % grid.every_n_epochs != 0:
         grid.write(h)  # the final picture (every rank samples its share; rank 0 writes)
     if not epochs and checkpoint_read is not None:
@@ -131,5 +163,6 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
         summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                             if isinstance(v, float) and k.startswith(("train_", "val_")))
         log.info("done after epoch %d: %s", h.epoch, summary)
-        print(reporting.next_commands(last, ctx.launch_dir, trust=trust_to_carry(cfg)), flush=True)
+        print(reporting.next_commands(last, ctx.launch_dir, trust=trust_to_carry(cfg), generative=is_generative(h)),
+              flush=True)
     return record

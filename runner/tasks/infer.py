@@ -20,6 +20,7 @@ from .checkpoints import checkpoint_info, open_checkpoint
 log = logging.getLogger("runner")
 
 PREDICTIONS_FILE = "predictions.pt"
+GENERATIVE_TYPES = ("score_based", "generative")  # model types that sample instead of predicting
 
 
 def _targets(dataset: Any) -> Optional[torch.Tensor]:
@@ -39,7 +40,11 @@ def infer_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     ckpt = open_checkpoint(cfg, ctx)  # opened and verified once: its header here, its state for the load
     path = ckpt.path
     info = checkpoint_info(ckpt, cfg.checkpoint.path)
-    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path)
+    choice = ModelChoice(cfg, info, cfg.checkpoint.path, path, ctx)
+    if str(choice.model_type or "") in GENERATIVE_TYPES:
+        raise RunnerError(f"task=infer predicts outputs for inputs, but checkpoint.path={cfg.checkpoint.path} holds a "
+                          f"{choice.model_type} model, which draws samples: use task=sample "
+                          f"checkpoint.path={cfg.checkpoint.path} (sample.n=..., seed=...)")
     h = from_weights(ckpt, cfg, choice)
     # The data: data.predict, else data.val, else the validation set recorded in the checkpoint.
     key, spec, from_file = None, None, False

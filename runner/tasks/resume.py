@@ -60,7 +60,7 @@ def resume_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
             # allowed drift: the configured model, with the checkpoint's weights under load.strict
             h = load_handler(ckpt, cfg, choice)
         else:
-            h = load_handler(ckpt, cfg)
+            h = load_handler(ckpt, cfg, choice, configured=False)
     complete_from_config(h, cfg, ctx)
     apply_resume_overrides(h, cfg, ctx)
     set_data(h, cfg, info, require_train=True)

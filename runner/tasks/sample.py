@@ -89,7 +89,7 @@ def sample_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
                                                       "model (with its SDE or sampler)")
     with ckpt:
         path = ckpt.path
-        h = load_handler(ckpt, cfg, choice if choice.configured else None)
+        h = load_handler(ckpt, cfg, choice, configured=choice.configured)
     if h.sde is None or ctx.given("sde"):
         set_sde(h, cfg)
     shape = sample_shape(h, cfg, info)
