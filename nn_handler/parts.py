@@ -14,36 +14,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import rng, specs
 from .callbacks.base import Callback
+from .checkpointing.save import PerRank, Stateful  # noqa: F401 (the protocols the parts follow, defined once)
 from .data import DataSlot, bounded_loader_options
 from .ema import EMA
 
 Record = Tuple[Optional[Dict[str, Any]], Optional[str]]  # (spec, why it could not be recorded)
-
-
-@runtime_checkable
-class Stateful(Protocol):
-    """torch.distributed.checkpoint's protocol: plain data out, the same data back in."""
-
-    def state_dict(self) -> Any: ...
-
-    def load_state_dict(self, state: Any) -> None: ...
-
-
-@runtime_checkable
-class PerRank(Protocol):
-    """A part whose value differs between ranks (random streams, a partial epoch's sums): a save
-    gathers ``rank_state()`` from every rank and rank 0 writes ``gathered_state_dict(states)``."""
-
-    def rank_state(self) -> Any: ...
-
-    def gathered_state_dict(self, states: List[Any]) -> Any: ...
 
 
 # NNHandler.load's flags -> the parts each leaves as a fresh handler has them.
