@@ -112,6 +112,9 @@ class FoundWeights:
     weights: Dict[str, Any]
     kind: str  # handler | model_state_dict | lightning | state_dict | model | bare | safetensors | export
     recorded: Optional[Dict[str, Any]] = None
+    # A handler file whose model class could only be named (a ``__main__`` class): its model entry
+    # ({"name", "kwargs"}, read through ``checkpointing.models``' checks) and why it was not recorded.
+    unnamed: Optional[Tuple[Dict[str, Any], str]] = None
 
 
 def is_safetensors(path: PathLike) -> bool:
@@ -150,6 +153,9 @@ def weights_of(obj: Any, path: str) -> FoundWeights:
         recorded = None if spec is None else {
             "spec": spec, "model_type": F.text(entry.get("model_type"), "model.model_type", path)}
         found = FoundWeights(weights, "handler", recorded)
+        if spec is None:
+            why = (state.get(F.UNRECORDED) or {}).get("model") if isinstance(state.get(F.UNRECORDED), dict) else None
+            found.unnamed = (dict(entry), str(why or "unknown reason")[:500])
     elif isinstance(obj, dict) and isinstance(obj.get(F.MODEL_STATE), dict):
         found = FoundWeights(obj[F.MODEL_STATE], "model_state_dict")
     elif isinstance(obj, dict) and _is_weights(obj.get("state_dict")):
@@ -405,13 +411,28 @@ def model_for(handler_class: type, found: FoundWeights, model_class: Any, model_
               model_type: Any, trusted_packages: Sequence[str], path: str) -> Tuple[Any, Dict[str, Any], Any]:
     """``(model_class, model_kwargs, model_type)``: the caller's, or the model the file records,
     resolved under ``load``'s trust rules and size bound (never a plain import)."""
+    from . import specs
+    from .checkpointing.models import (
+        recorded_model_class,
+        recorded_model_problem,
+        recorded_unnamed_kwargs,
+        unnamed_model_message,
+        weight_elements,
+    )
     if model_class is not None:
+        if not model_kwargs and found.unnamed is not None:  # the kwargs of a class the file could only name
+            model_kwargs = recorded_unnamed_kwargs(found.unnamed[0], model_class, path)
+            problem = model_kwargs and recorded_model_problem(handler_class, model_class, model_kwargs,
+                                                              weight_elements(found.weights))
+            if problem:
+                raise UnsafeCheckpointError(path, problem)
         return model_class, model_kwargs, model_type
     if found.recorded is None:
+        if found.unnamed is not None:
+            raise IncompatibleCheckpointError(path, unnamed_model_message(
+                found.unnamed[0], found.unnamed[1], "NNHandler.initialize_from_checkpoint(path", "loads its weights"))
         raise IncompatibleCheckpointError(path, "this file does not record its model class: pass model_class= "
                                                 "(and its kwargs)")
-    from . import specs
-    from .checkpointing.models import recorded_model_class, recorded_model_problem, weight_elements
     try:
         cls, recorded_kwargs = recorded_model_class({"spec": found.recorded["spec"]}, path,
                                                     specs.Trust.of(trusted_packages))

@@ -33,6 +33,8 @@ from .checkpointing.models import (
     load_model_weights,
     recorded_model_class,
     recorded_model_problem,
+    recorded_unnamed_kwargs,
+    unnamed_model_message,
     unsafe,
     weight_elements,
 )
@@ -170,10 +172,8 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     if model_class is None:
         if model_entry.get("spec") is None:
             raise IncompatibleCheckpointError(
-                path, f"the model class was not recorded in this checkpoint "
-                      f"({unrecorded.get('model', 'unknown reason')}): pass it, NNHandler.load(path, "
-                      f"model_class=YourModel, model_kwargs={{...}}) to restore the whole training state, or load only "
-                      f"its weights with {HOW_TO_SET['model']}")
+                path, unnamed_model_message(model_entry, str(unrecorded.get("model", "unknown reason"))[:500])
+                + f"; or load only its weights with {HOW_TO_SET['model']}")
         try:
             model_class, recorded_kwargs = recorded_model_class(model_entry, path, trust)
         except specs.SpecError as exc:
@@ -184,6 +184,12 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
                                              weight_elements(state[F.MODEL_STATE]))
             if problem:
                 raise UnsafeCheckpointError(path, problem)
+    elif model_kwargs is None and model_entry.get("spec") is None:  # a class the file could only name (__main__)
+        model_kwargs = recorded_unnamed_kwargs(model_entry, model_class, path)
+        problem = model_kwargs and recorded_model_problem(handler_class, model_class, model_kwargs,
+                                                          weight_elements(state[F.MODEL_STATE]))
+        if problem:
+            raise UnsafeCheckpointError(path, problem)
     module = build_module_from_weights(model_class, model_kwargs or {}, state[F.MODEL_STATE], torch.device(device))
     h = handler_class._built(model_class, module, device=device,
                              model_type=coerce_model_type(model_type or model_entry.get("model_type")),

@@ -169,3 +169,94 @@ def recorded_model_class(entry: Dict[str, Any], path: str, trust: "specs.Trust")
         if not isinstance(found, type):
             raise unsafe(path, _function_refusal(target, found)) from None
         return found, kwargs
+
+
+# ---------------------------------------------------------------------------- a class no file can name
+# What a file records of a model class it cannot name (one defined in a ``__main__`` script): its
+# ``name`` and, when plain, its ``kwargs``. Both come from a file: the name is shown only when it
+# looks like a class name, and the kwargs are reused only as bounded JSON-like data.
+_MAX_NAME = 200
+_MAX_KWARG_ITEMS = 1_000  # entries per list or dict
+_MAX_KWARG_NODES = 10_000  # values in all
+_MAX_KWARG_DEPTH = 8
+_MAX_KWARG_TEXT = 10_000  # characters per string
+
+
+def recorded_model_name(entry: Any) -> Optional[str]:
+    """The class name a file records for a model it could not name, if it looks like one (``Outer.Inner``)."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
+        return None
+    return name if all(part.isidentifier() for part in name.split(".")) else None
+
+
+def _json_like_problem(value: Any, where: str, depth: int, count: list) -> Optional[str]:
+    count[0] += 1
+    if count[0] > _MAX_KWARG_NODES:
+        return f"{where}: more than {_MAX_KWARG_NODES} values in all"
+    if value is None or type(value) in (bool, float):
+        return None
+    if type(value) is int:
+        return None if -(1 << 63) <= value < (1 << 63) else f"{where}: an integer out of the 64-bit range"
+    if type(value) is str:
+        return None if len(value) <= _MAX_KWARG_TEXT else f"{where}: a string of {len(value)} characters"
+    if isinstance(value, (list, tuple, dict)):
+        if depth >= _MAX_KWARG_DEPTH:
+            return f"{where}: nested deeper than {_MAX_KWARG_DEPTH} levels"
+        if len(value) > _MAX_KWARG_ITEMS:
+            return f"{where}: {len(value)} entries (at most {_MAX_KWARG_ITEMS})"
+        if type(value) is dict:
+            for key, item in value.items():
+                if type(key) is not str or len(key) > _MAX_NAME:
+                    return f"{where}: a key that is not a short string"
+                if key == specs.TARGET:
+                    return f"{where}: a {specs.TARGET!r} (a component to build is never rebuilt from these kwargs)"
+                problem = _json_like_problem(item, f"{where}[{key!r}]", depth + 1, count)
+                if problem:
+                    return problem
+            return None
+        if type(value) in (list, tuple):
+            for i, item in enumerate(value):
+                problem = _json_like_problem(item, f"{where}[{i}]", depth + 1, count)
+                if problem:
+                    return problem
+            return None
+    return f"{where}: a {type(value).__name__}, not JSON-like data"
+
+
+def recorded_unnamed_kwargs(entry: Any, model_class: Any, path: str) -> Dict[str, Any]:
+    """The kwargs a file records for a class it could not name, to build ``model_class`` with when the
+    caller passed none: ``{}`` unless the recorded name is ``model_class``'s. Kwargs that are not
+    bounded JSON-like data raise IncompatibleCheckpointError naming ``model.kwargs``."""
+    name = recorded_model_name(entry)
+    if name is None or name != getattr(model_class, "__qualname__", None) or "kwargs" not in entry:
+        return {}
+    kwargs = entry["kwargs"]
+    if type(kwargs) is not dict:
+        problem = f"a {type(kwargs).__name__}, not a mapping"
+    else:
+        problem = _json_like_problem(kwargs, "model.kwargs", 0, [0])
+    if problem:
+        raise IncompatibleCheckpointError(
+            path, f"the recorded model.kwargs of {name} are not plain data ({problem[:300]}); pass "
+                  f"model_kwargs={{...}} to build {name} with your own")
+    return dict(kwargs)
+
+
+def unnamed_model_message(entry: Any, reason: str, load_call: str = "NNHandler.load(path",
+                          does: str = "restores the whole training state") -> str:
+    """What ``load`` says of a file whose model class was not recorded: exactly which ``model_class`` to pass."""
+    name = recorded_model_name(entry)
+    shown = name or "YourModel"
+    kwargs = entry.get("kwargs") if isinstance(entry, dict) and name else None
+    if type(kwargs) is dict and kwargs and _json_like_problem(kwargs, "model.kwargs", 0, [0]) is None:
+        text = repr(kwargs)
+        text = text if len(text) <= 300 else text[:300] + "..."
+        how_kwargs = f" (its recorded kwargs {text} are reused unless you pass model_kwargs=)"
+    elif name:
+        how_kwargs = " (and model_kwargs={...} if it takes arguments)"
+    else:
+        how_kwargs = ", model_kwargs={...}"
+    where = f"define {shown} where you load (the same class as when it was saved) and " if name else ""
+    return (f"the model class{' ' + name if name else ''} was not recorded in this checkpoint ({reason}): "
+            f"{where}pass model_class={shown}: {load_call}, model_class={shown}) {does}{how_kwargs}")

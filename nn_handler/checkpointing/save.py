@@ -87,7 +87,10 @@ def save(parts: Mapping[str, Any], header: Mapping[str, Any], path: PathLike, in
         try:
             state = assemble(parts, header, per_rank)
             for component, reason in state[F.UNRECORDED].items():
-                warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); after loading, set it again")
+                name = (header.get(F.MODEL) or {}).get("name") if component == "model" else None
+                then = (f"to load it, define {name} there too and pass NNHandler.load(path, model_class={name})"
+                        if name else "after loading, set it again")
+                warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); {then}")
             problem = plain_problem(state, "checkpoint")
             if problem:
                 raise TypeError(f"cannot write {os.fspath(path)}: {problem}")
