@@ -222,6 +222,17 @@ def _inspect_lines(report: Mapping[str, Any], lines: List[str]) -> None:
                                                    if other else " (a bare state_dict)"))
         lines.append(f"parameters: {report.get('parameters', 0):,}")
         lines += _tensor_lines(report)
+    if kind in ("export", "safetensors"):  # the header alone (nn_handler.checkpointing.inspect)
+        model = report.get("model") or {}
+        lines.append("kind: " + (f"nn_handler export (format version {report.get('format_version')}, "
+                                 f"{report.get('weights')} weights)" if kind == "export" else "safetensors weights"))
+        lines += _problem_lines(report.get("problems"))
+        if kind == "export":
+            lines.append(f"model: {model.get('target') or 'not recorded'} ({model.get('model_type') or '-'})")
+            lines.append(f"  kwargs: {kwargs_text(model.get('kwargs'))}")
+        lines.append(f"parameters: {report.get('parameters', 0):,} ({size(report.get('tensor_bytes'))} of tensors)")
+        lines.append(f"metadata: {kwargs_text(report.get('metadata'))}")
+        lines += _tensor_lines(report)
     if kind != "handler":
         return
     versions = report.get("versions") or {}

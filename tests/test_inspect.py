@@ -1,6 +1,7 @@
 """inspect() and diff(): what a checkpoint records, read without building anything."""
 import json
 
+import pytest
 import torch
 
 from nn_handler import NNHandler
@@ -113,3 +114,120 @@ def test_diff_of_identical_files_finds_nothing(tmp_path):
     (tmp_path / "b.pt").write_bytes((tmp_path / "a.pt").read_bytes())
     d = diff(tmp_path / "a.pt", tmp_path / "b.pt")
     assert d["values"] == [] and d["hyperparameters"] == {} and d["identical_tensors"] == 4
+
+
+# ---------------------------------------------------------------------------- safetensors files
+def _export(tmp_path):
+    h = _run(tmp_path / "a.pt")
+    return h, h.export(tmp_path / "model.safetensors")
+
+
+def _flip_data_byte(path):
+    """Change one byte of the tensor data (not the header): only a read of the data could notice."""
+    import struct
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    data[8 + length + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_inspect_and_read_info_of_an_export_show_its_spec_and_tensors_from_the_header_alone(tmp_path):
+    from nn_handler.checkpointing import CorruptCheckpointError, read_info
+    h, path = _export(tmp_path)
+    _flip_data_byte(path)  # the header is intact: inspect and read_info read nothing else
+    report = inspect(path)
+    json.dumps(report)
+    assert report["kind"] == "export" and report["format_version"] == 1 and report["weights"] == "ema"
+    assert "error" not in report and not report["integrity"].get("damaged") and report["problems"] == []
+    assert report["model"] == {"target": "nn_handler.models.MLP", "model_type": "classification",
+                               "kwargs": {"in_features": 8, "out_features": 3, "hidden": [16]}}
+    assert report["versions"]["torch"] == str(torch.__version__)
+    weights = h.ema.module.state_dict()
+    assert {row["name"]: (row["shape"], row["dtype"]) for row in report["tensors"]} == {
+        k: (list(v.shape), "float32") for k, v in weights.items()}
+    assert report["parameters"] == sum(v.numel() for v in weights.values())
+    assert report["tensor_bytes"] == 4 * report["parameters"] and report["tensor_count"] == len(weights)
+    info = read_info(path)
+    assert info["kind"] == "export" and info["model"] == report["model"] and info["weights"] == "ema"
+    assert [row["name"] for row in info["tensors"]] == [row["name"] for row in report["tensors"]]
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch in the exported tensors"):
+        NNHandler.initialize_from_checkpoint(path)  # loading does read (and check) the data
+
+
+def test_inspect_of_a_plain_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from nn_handler.checkpointing import read_info
+    save_file({"encoder.weight": torch.zeros(4, 3, dtype=torch.float16), "step": torch.tensor([7])},
+              str(tmp_path / "plain.safetensors"), metadata={"format": "pt", "source": "elsewhere"})
+    for report in (inspect(tmp_path / "plain.safetensors"), read_info(tmp_path / "plain.safetensors")):
+        assert report["kind"] == "safetensors" and report["model"] is None and report["format_version"] is None
+        assert report["metadata"] == {"format": "pt", "source": "elsewhere"}
+        assert report["parameters"] == 13 and report["tensor_bytes"] == 12 * 2 + 8
+        assert {r["name"]: (r["shape"], r["dtype"]) for r in report["tensors"]} == {
+            "encoder.weight": ([4, 3], "float16"), "step": ([1], "int64")}
+    assert "no checksum" in inspect(tmp_path / "plain.safetensors")["integrity"]["reason"]
+
+
+def _hostile(tmp_path, name, header: bytes, length=None, data=b""):
+    import struct
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("name, length, header, data, message", [
+    ("huge_length", 1 << 60, b'{"a":', b"", "claims 1152921504606846976 bytes but the file holds only"),
+    ("not_json", None, b"{not json", b"", "not valid JSON"),
+    ("outside", None, b'{"w":{"dtype":"F32","shape":[1024,1024],"data_offsets":[0,4194304]}}', b"\0" * 16,
+     "outside the 16 bytes the file holds"),
+    ("wrong_size", None, b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}', b"\0" * 16, "needs 16 bytes"),
+    ("bad_record", None, b'{"__metadata__":{"format":"nn_handler.export","nn_handler":"{oops"}}', b"",
+     "'nn_handler' metadata is not valid JSON"),
+])
+def test_a_truncated_or_forged_safetensors_header_is_refused_with_a_clear_error(tmp_path, name, length, header,
+                                                                                 data, message):
+    from nn_handler.checkpointing import CorruptCheckpointError, read_info
+    path = _hostile(tmp_path, name + ".safetensors", header, length, data)
+    report = inspect(path)
+    assert report["integrity"]["damaged"] is True and message in report["error"] and str(path) in report["error"]
+    with pytest.raises(CorruptCheckpointError, match=message):
+        read_info(path)
+
+
+def test_a_truncated_export_is_refused(tmp_path):
+    from nn_handler.checkpointing import CorruptCheckpointError, read_info
+    _, path = _export(tmp_path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 10])
+    assert "outside the" in inspect(cut)["error"]
+    with pytest.raises(CorruptCheckpointError, match="truncated or forged"):
+        read_info(cut)
+
+
+def test_runner_task_inspect_of_an_export_and_of_a_damaged_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    _, path = _export(tmp_path)
+    bad = _hostile(tmp_path, "bad.safetensors", b'{"a":', 1 << 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "HYDRA_FULL_ERROR")}
+    env["OMP_NUM_THREADS"] = "1"
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(target):
+        return subprocess.run([sys.executable, "-m", "runner", "task=inspect", f"checkpoint.path={target}",
+                               "hydra.run.dir=out"], cwd=tmp_path, env={**env, "PYTHONPATH": str(root)},
+                              capture_output=True, text=True, timeout=120)
+
+    good = cli(path)
+    assert good.returncode == 0, good.stdout + good.stderr[-4000:]
+    assert "kind: nn_handler export (format version 1, ema weights)" in good.stdout
+    assert "model: nn_handler.models.MLP (classification)" in good.stdout and "net.0.weight" in good.stdout
+    refused = cli(bad)
+    assert refused.returncode != 0
+    assert "claims 1099511627776 bytes but the file holds only" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -20,7 +20,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .file import CheckpointFile, broken_header_is_damage, named_after
-from .inspect import diff, inspect
+from .inspect import diff, inspect, safetensors_info
 from .io import atomic_save, file_checksum, safe_load
 from .models import recorded_model_problem, resolve_recorded_model
 from .save import Stateful, save
@@ -75,6 +75,8 @@ def read_info(path: Union[PathLike, CheckpointFile]) -> Dict[str, Any]:
     try:
         ckpt = CheckpointFile.open(path)
         try:
+            if ckpt.safetensors:  # its header only: see inspect.safetensors_info for the keys
+                return safetensors_info(ckpt)
             ckpt.verify()
             return ckpt.header()
         finally:

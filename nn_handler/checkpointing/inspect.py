@@ -23,9 +23,10 @@ import torch
 
 from .. import specs
 from . import format as F
-from .errors import CheckpointError, NotACheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 from .file import CheckpointFile, broken_header_is_damage
 from .io import PathLike, file_checksum
+from .st_header import META_KEY, export_record, read_header
 
 _MAX_TENSOR_ROWS = 40  # above this, the table is summarised by module prefix
 # Bounds on what a report repeats of a file's plain records (a report is for reading).
@@ -322,6 +323,71 @@ def _contents(obj: Any) -> Dict[str, Any]:
     return {"kind": "unknown", "error": f"not a checkpoint with model weights (a {type(obj).__name__})"}
 
 
+# ---------------------------------------------------------------------------- safetensors
+_ST_OWN_KEYS = ("format", META_KEY)  # the metadata keys an export's record takes
+
+
+def _safetensors_view(ckpt: CheckpointFile) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """The report's fields for a safetensors file, from its checked header alone (no tensor data is
+    read): the export's record (spec, model type, which weights, versions) when it is ours, each
+    tensor's name, shape, dtype and size, and the other metadata. A header that does not hold
+    together raises CorruptCheckpointError (an export's record of a newer version: Incompatible).
+    Returns the report's fields and every tensor's row."""
+    fd = ckpt.fileno()
+    entries, metadata, data_start = read_header(fd, os.fstat(fd).st_size, ckpt.path)
+    record = export_record(metadata, ckpt.path)
+    r = _Reader()
+    rows = [{"name": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+             "numel": math.prod(shape), "bytes": end - begin} for name, (dtype, shape, begin, end) in entries.items()]
+    report: Dict[str, Any] = {"kind": "export" if record is not None else "safetensors",
+                              "format_version": None, "versions": {}, "model": None, "weights": None}
+    if record is not None:
+        spec = r.spec(record.get("model"), "model")
+        model_type = record.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            r.note("model_type", f"{_kind(model_type)}, not a string")
+            model_type = None
+        report.update(format_version=record.get("format_version"),
+                      versions=_plain(r.mapping(record.get("versions"), "versions")),
+                      model=None if spec is None else {**spec, "model_type": _plain(model_type)},
+                      weights=_plain(record.get("weights")))
+    report.update({"parameters": sum(row["numel"] for row in rows), "tensor_bytes": sum(row["bytes"] for row in rows),
+                   "header_bytes": data_start - 8, **_table(rows),
+                   "metadata": _plain({k: v for k, v in metadata.items()
+                                       if record is None or k not in _ST_OWN_KEYS}),
+                   "problems": r.all_problems()})
+    return report, rows
+
+
+def safetensors_info(ckpt: CheckpointFile) -> Dict[str, Any]:
+    """``read_info`` of a safetensors file: ``kind`` ("export" or "safetensors"), ``format_version``,
+    ``versions``, ``model`` ({"target", "kwargs", "model_type"} or None), ``weights`` ("ema"/"live"
+    or None), ``parameters``, ``tensor_bytes``, ``header_bytes``, ``tensors`` (every tensor's name,
+    shape, dtype, numel, bytes), ``metadata`` (the file's other string metadata). Reads the header
+    only, bounded by the file's size; a field of the wrong type raises IncompatibleCheckpointError."""
+    from .errors import IncompatibleCheckpointError
+    view, rows = _safetensors_view(ckpt)
+    if view["problems"]:
+        raise IncompatibleCheckpointError(ckpt.path, f"the export's record is malformed: {view['problems'][0]}")
+    info = {k: v for k, v in view.items() if k not in ("problems", "tensor_groups", "tensor_count")}
+    info["tensors"] = rows
+    return info
+
+
+def _safetensors_report(ckpt: CheckpointFile) -> Dict[str, Any]:
+    """``inspect``'s fields for a safetensors file: never raises (a bad header is reported as damage)."""
+    try:
+        view, _ = _safetensors_view(ckpt)
+    except CorruptCheckpointError as exc:
+        return {"integrity": {"verified": False, "damaged": True, "reason": str(exc)}, "error": str(exc)}
+    except CheckpointError as exc:
+        return {"integrity": {"verified": False, "checksum": None}, "error": str(exc)}
+    reason = ("an nn_handler export: its per-tensor CRC-32C checksums are checked when it is loaded (inspect reads "
+              "no tensor data)" if view["kind"] == "export"
+              else "a safetensors file not written by nn_handler: it carries no checksum")
+    return {"integrity": {"verified": False, "checksum": None, "reason": reason}, **view}
+
+
 def _has_trailer(path: str) -> bool:
     """Whether the file ends with this library's checksum record (only ``atomic_save`` writes one)."""
     try:
@@ -374,6 +440,9 @@ def inspect(path: Union[PathLike, CheckpointFile]) -> Dict[str, Any]:
                 ckpt = CheckpointFile.open(path_str)
             except CheckpointError as exc:
                 opening = exc
+        if ckpt is not None and ckpt.safetensors:  # its header alone, checked against the file's size
+            report.update(_safetensors_report(ckpt))
+            return report
         integrity = _integrity(ckpt, path_str, opening)
         report["integrity"] = integrity
         try:
