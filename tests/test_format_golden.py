@@ -61,13 +61,23 @@ def same_floats(a: List[float], b: List[float]) -> bool:
     return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
 
 
-def assert_history(h: NNHandler, record: Dict[str, Any]) -> None:
-    assert same_floats(h.train_losses, record["train_losses"]), (h.train_losses, record["train_losses"])
-    assert same_floats(h.val_losses, record["val_losses"]), (h.val_losses, record["val_losses"])
+def close_floats(a: List[float], b: List[float], exact: int) -> bool:
+    """The first ``exact`` values equal bit for bit (they were read from the file), the rest within 1e-6
+    relative: values computed here, whose last bits depend on the CPU's kernels (the golden files were
+    written on another machine; e.g. a validation batch of another size takes another GEMM path)."""
+    return len(a) == len(b) and same_floats(a[:exact], b[:exact]) and all(
+        math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(x) and math.isnan(y))
+        for x, y in zip(a[exact:], b[exact:]))
+
+
+def assert_history(h: NNHandler, record: Dict[str, Any], exact: int = 10 ** 9) -> None:
+    """The history as recorded: bit for bit up to entry ``exact`` (the loaded ones), close after."""
+    assert close_floats(h.train_losses, record["train_losses"], exact), (h.train_losses, record["train_losses"])
+    assert close_floats(h.val_losses, record["val_losses"], exact), (h.val_losses, record["val_losses"])
     for live, recorded in ((h.train_metrics_history, record["train_metrics"]), (h.val_metrics_history, record["val_metrics"])):
         assert sorted(live) == sorted(recorded)
         for metric, values in recorded.items():
-            assert same_floats(live[metric], values), (metric, live[metric], values)
+            assert close_floats(live[metric], values, exact), (metric, live[metric], values)
 
 
 def assert_weights(state: Dict[str, torch.Tensor], record: Dict[str, Any], what: str = "weights") -> None:
@@ -260,6 +270,23 @@ class _Seen(Callback):
         self.batches.append(batch)
 
 
+def assert_continued_weights(state: Dict[str, torch.Tensor], digests: Dict[str, str], close: Dict[str, Any],
+                             what: str = "weights") -> None:
+    """Weights computed here after loading: bit for bit the writing machine's (``digests``) when this CPU's
+    kernels round alike, else within 1e-5 of the same continuation on another CPU (``close``: its first
+    values and sum), so that a wrong restore (data order, optimizer state, EMA) still fails."""
+    assert sorted(state) == sorted(digests) == sorted(close), (what, sorted(state))
+    if all(digest(state[k]) == v for k, v in digests.items()):
+        return
+    for key, rec in close.items():
+        t = state[key].detach().cpu()
+        assert list(t.shape) == rec["shape"] and str(t.dtype) == rec["dtype"], (what, key)
+        flat = t.reshape(-1).double()
+        first = [float(v) for v in flat[:4].tolist()]
+        assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(first, rec["first"])), (what, key)
+        assert math.isclose(float(flat.sum().item()), rec["sum"], rel_tol=1e-5, abs_tol=1e-6), (what, key)
+
+
 def test_one_more_epoch_goes_on_from_the_recorded_progress(golden: Tuple[Path, Dict[str, Any]], tmp_path: Path) -> None:
     path, exp = golden
     h = load_quietly(lambda: NNHandler.load(path, device="cpu"))
@@ -272,11 +299,12 @@ def test_one_more_epoch_goes_on_from_the_recorded_progress(golden: Tuple[Path, D
     cont = exp["continued"]
     assert h.epoch == cont["epoch"] == exp["epoch"] + 1
     assert h.global_step == cont["global_step"]
-    # Exactly what the writing release computed from the same file: data order, random
-    # streams, partial epoch sums, optimizer, scheduler and EMA all restored bit for bit.
-    assert_history(h, cont["history"])
-    assert_weights(h.module.state_dict(), cont["weights"])
-    assert_weights(h.ema.module.state_dict(), cont["ema_weights"], "EMA weights")
+    # What the writing release computed from the same file: data order, random streams, partial
+    # epoch sums, optimizer, scheduler and EMA all restored (the loaded history bit for bit; the new
+    # epoch's values as this CPU's kernels compute them, see close_floats).
+    assert_history(h, cont["history"], exact=exp["epoch"])
+    assert_continued_weights(h.module.state_dict(), cont["weights"], cont["weights_close"])
+    assert_continued_weights(h.ema.module.state_dict(), cont["ema_weights"], cont["ema_weights_close"], "EMA weights")
     assert h.optimizer.param_groups[0]["lr"] == cont["lr"]
     if any(c["class"].endswith("ModelCheckpoint") for c in exp.get("callbacks", [])):
         assert (tmp_path / "checkpoints" / "last.pt").is_file()  # the restored callback wrote, confined to the copy's directory
@@ -296,7 +324,13 @@ def test_the_score_model_samples_as_it_did(tmp_path: Path, monkeypatch: pytest.M
     h = load_quietly(lambda: NNHandler.load(GOLDEN / "v1_score.pth", device="cpu"))
     rec = exp["sample"]
     samples = h.sample(tuple(rec["shape"]), steps=rec["steps"], seed=rec["seed"], progress_bar=False)
-    assert [float(v) for v in samples.reshape(-1).tolist()] == rec["values"]
+    values = [float(v) for v in samples.reshape(-1).tolist()]
+    # Bit for bit on the writing machine's CPU; elsewhere within 1e-5 (the seeded noise is the same,
+    # the network's last bits follow the CPU's kernels): a wrong restore of the model, SDE or sampler
+    # moves samples by far more.
+    assert len(values) == len(rec["values"])
+    assert values == rec["values"] or all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+                                          for a, b in zip(values, rec["values"])), (values, rec["values"])
 
 
 # ---------------------------------------------------------------------------- readers
