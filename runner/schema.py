@@ -134,8 +134,10 @@ class ExportConf:
 class LoggerConf:
     """The experiment logger of a training task (group ``logger``), writing into ``<run dir>/logs/``."""
 
-    name: str = "none"  # none | csv | tensorboard
+    name: str = "none"  # none | csv | tensorboard | mlflow
     every_n_steps: int = 50  # the train loss and learning rates every N optimizer steps (0: epoch rows only)
+    tracking_uri: Optional[str] = None  # logger=mlflow: where the run goes (null: <run dir>/logs/mlruns)
+    experiment_name: str = "nn_handler"  # logger=mlflow: the MLflow experiment
 
 
 @dataclass

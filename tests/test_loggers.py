@@ -19,13 +19,18 @@ import pytest
 import torch
 
 from nn_handler import NNHandler
-from nn_handler.callbacks import Callback, CSVLogger, TensorBoardLogger
+from nn_handler.callbacks import Callback, CSVLogger, MLflowLogger, TensorBoardLogger
 from nn_handler.metrics import accuracy
 from nn_handler.models import MLP
 
 DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 64, "in_features": 8, "num_classes": 3}
 STEPS_PER_EPOCH = 8  # 64 samples, batches of 8
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(package) is not None
 
 
 def make(*callbacks: Callback) -> NNHandler:
@@ -196,8 +201,9 @@ def test_tensorboard_events_read_back_after_training_and_a_resume(tmp_path):
 def _worker(out: str) -> None:
     """torchrun worker: each rank logs into its own directory; only rank 0's may fill."""
     rank = int(os.environ["RANK"])
+    mlflow = [MLflowLogger(os.path.join(out, f"mlflow{rank}"), every_n_steps=2)] if _has("mlflow") else []
     h = make(CSVLogger(os.path.join(out, f"csv{rank}"), every_n_steps=2),
-             TensorBoardLogger(os.path.join(out, f"tb{rank}"), every_n_steps=2))
+             TensorBoardLogger(os.path.join(out, f"tb{rank}"), every_n_steps=2), *mlflow)
     h.train(2, progress_bar=False, seed=0)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": h.world_size, "global_step": h.global_step, "train_losses": h.train_losses}, f)
@@ -217,6 +223,13 @@ def test_only_rank_zero_writes_under_a_two_process_torchrun(tmp_path):
     assert [float(r["train_loss"]) for r in epoch_rows(rows)] == pytest.approx(info["train_losses"])
     assert sorted(scalars(tmp_path / "tb0", "train/loss")) == [4, 8]
     assert not (tmp_path / "csv1").exists() and not (tmp_path / "tb1").exists()
+    if _has("mlflow"):
+        assert not (tmp_path / "mlflow1").exists()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=(tmp_path / "mlflow0" / "mlruns").as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("nn_handler").experiment_id])
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [4, 8]
 
 
 # ---------------------------------------------------------------------------- the runner

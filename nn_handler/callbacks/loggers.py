@@ -15,6 +15,8 @@ import io
 import json
 import math
 import os
+import re
+import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .base import Callback
@@ -346,3 +348,206 @@ def _summary_writer() -> Any:
         raise ImportError("TensorBoardLogger needs the tensorboard package: pip install 'nn-handler[tensorboard]' "
                           f"(or pip install tensorboard) ({exc})") from None
     return SummaryWriter
+
+
+# ---------------------------------------------------------------------------- MLflow
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id (a uuid4's hex)
+_MAX_URI = 2000
+_MAX_NAME = 250  # MLflow's own limit on experiment, run, param and metric names
+_FILE_SCHEMES = ("", "file")
+
+
+def _mlflow() -> Any:
+    """The ``mlflow`` package (imported only when an MLflowLogger is made), or one clear ImportError."""
+    try:
+        import mlflow  # noqa: F401
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise ImportError("MLflowLogger needs the mlflow package: pip install 'nn-handler[mlflow]' (or pip install "
+                          f"mlflow-skinny) ({exc})") from None
+    return MlflowClient, Metric, Param, MlflowException
+
+
+def _metric_name(key: str) -> str:
+    """A name MLflow takes (alphanumerics, ``_ - . / space``; not a path that normalises to another)."""
+    name = re.sub(r"[^\w.\- /]", "_", key).strip("/ ")[:_MAX_NAME]
+    return name.replace("..", "__") or "_"
+
+
+def _text_option(value: Any, what: str, limit: int, optional: bool = True) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > limit or "\x00" in value:
+        raise ValueError(f"MLflowLogger: {what} must be a non-empty string of at most {limit} characters, got "
+                         f"{str(value)[:80]!r}")
+    return value
+
+
+def _file_store_path(uri: str) -> Optional[str]:
+    """The local directory of a file-store tracking URI (a plain path or ``file:``), else None."""
+    from urllib.parse import unquote, urlparse
+    parsed = urlparse(uri)
+    if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
+        return uri
+    if parsed.scheme not in _FILE_SCHEMES or parsed.netloc not in ("", "localhost"):
+        return None
+    return unquote(parsed.path) if parsed.scheme else uri
+
+
+class MLflowLogger(_Logger):
+    """An MLflow run through ``mlflow.tracking.MlflowClient`` (needs the ``mlflow`` package:
+    ``pip install 'nn-handler[mlflow]'``, which installs ``mlflow-skinny``). The same values as
+    ``CSVLogger``, under the same names, as metrics at the global step: ``train_loss_step`` and
+    ``lr_group<i>`` every ``every_n_steps`` steps, ``train_loss``, ``train_<metric>``, ``val_loss``,
+    ``val_<metric>``, ``lr`` and ``epoch`` at each epoch's end. The run config (``hyperparameters``) is
+    logged as params when training starts and again (new keys only) at its end; the run's latest
+    metrics are then the final ones, and the run is marked FINISHED.
+
+    ``tracking_uri``: where the run is stored; None: a file store in ``dirpath/mlruns`` (MLflow's
+    file store is in maintenance mode and refused unless ``MLFLOW_ALLOW_FILE_STORE`` is set, so this
+    logger sets it to true for a file store it writes, unless the environment says otherwise).
+
+    Resumed: MLflow cannot delete metric points, so the run id is kept in the logger's state (and so
+    in every checkpoint), the same run is reopened, and each metric's points at or below the last
+    step that run already holds for it (logged after the checkpoint by a run that then crashed) are
+    skipped: every step appears once, the first time it was logged. A run id the store does not
+    know (another store, a new run directory) starts a new run. Restored from a file, a recorded
+    ``tracking_uri`` is honoured only when it is a file store inside the confining directory (see
+    ``confine_paths``); anything else (a server a file names) is replaced by ``dirpath/mlruns`` with
+    one warning: ``use_tracking_uri`` sets it again, as the caller's own choice.
+    """
+
+    def __init__(self, dirpath: str = LOGS_DIR, every_n_steps: int = 50, tracking_uri: Optional[str] = None,
+                 experiment_name: str = "nn_handler", run_name: Optional[str] = None):
+        super().__init__(dirpath, every_n_steps)
+        self.tracking_uri = _text_option(tracking_uri, "tracking_uri", _MAX_URI)
+        self.experiment_name = _text_option(experiment_name, "experiment_name", _MAX_NAME, optional=False)
+        self.run_name = _text_option(run_name, "run_name", _MAX_NAME)
+        self._api = _mlflow()  # fails now, naming the package, rather than when training starts
+        self.run_id: Optional[str] = None
+        self._client: Any = None
+        self._logged: Dict[str, int] = {}  # metric name -> the last step the run holds for it
+        self._vouched = False  # use_tracking_uri: the caller chose the URI (not a file's record)
+
+    # ------------------------------------------------------------------ state and paths
+    def state_dict(self) -> Dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        run_id = (state or {}).get("run_id")
+        if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+            raise ValueError(f"MLflowLogger: the recorded run_id {str(run_id)[:80]!r} is not an MLflow run id "
+                             f"(32 hexadecimal digits)")
+        self.run_id = run_id
+
+    def use_tracking_uri(self, tracking_uri: Optional[str]) -> None:
+        """Log into ``tracking_uri`` from now on (and record it), as the caller's choice (never confined)."""
+        self.tracking_uri = self._init_kwargs["tracking_uri"] = _text_option(tracking_uri, "tracking_uri", _MAX_URI)
+        self._vouched = True
+
+    def _paths(self) -> Dict[str, Any]:
+        return {"dirpath": self.dirpath, "tracking_uri": self.tracking_uri}
+
+    def _drop(self, recorded: Dict[str, Any]) -> List[str]:
+        uri = recorded["tracking_uri"]
+        if uri is None or self._vouched or self.tracking_uri != uri:
+            return []
+        where = _file_store_path(uri)
+        if where is not None and "\x00" not in where and _inside(os.path.realpath(os.path.abspath(where)),
+                                                                  os.path.realpath(self._root)):
+            return []
+        self.tracking_uri = self._init_kwargs["tracking_uri"] = None
+        return [f"tracking_uri {uri[:200]!r}"]
+
+    @property
+    def store_uri(self) -> str:
+        """The tracking URI the run is written to (``tracking_uri``, or the file store in ``dirpath/mlruns``)."""
+        if self.tracking_uri is not None:
+            return self.tracking_uri
+        from pathlib import Path
+        return Path(os.path.abspath(os.path.join(self.dirpath, "mlruns"))).as_uri()
+
+    # ------------------------------------------------------------------ the run
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._api[3] as exc:
+            raise RuntimeError(f"MLflowLogger: {what} in the tracking store {self.store_uri} failed: "
+                               f"{str(exc)[:500]}") from None
+
+    def _open(self, handler: "NNHandler", step: int) -> None:
+        MlflowClient, _, _, MlflowException = self._api
+        uri = self.store_uri
+        if _file_store_path(uri) is not None:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self._client = client = self._call("connecting", MlflowClient, tracking_uri=uri)
+        self._logged = {}
+        run = None
+        if self.run_id is not None:
+            try:
+                run = client.get_run(self.run_id)
+            except MlflowException:
+                run = None
+            if run is None or run.info.lifecycle_stage == "deleted":
+                handler._warn(f"MLflowLogger: the run {self.run_id} is not in {uri} (another store, or deleted); "
+                              f"starting a new run there")
+                run = None
+        if run is None:
+            experiment = self._call("finding the experiment", client.get_experiment_by_name, self.experiment_name)
+            experiment_id = experiment.experiment_id if experiment is not None else self._call(
+                "creating the experiment", client.create_experiment, self.experiment_name)
+            run = self._call("creating a run", client.create_run, experiment_id, run_name=self.run_name)
+            self.run_id = run.info.run_id
+        else:
+            for key in run.data.metrics:  # what the run holds already: those steps are not logged again
+                history = self._call("reading the run", client.get_metric_history, self.run_id, key)
+                self._logged[key] = max((m.step for m in history), default=-1)
+            if run.info.status != "RUNNING":
+                self._call("reopening the run", client.update_run, self.run_id, status="RUNNING")
+        self._params(handler, hyperparameters(handler))
+
+    def _params(self, handler: "NNHandler", hparams: Dict[str, Any]) -> None:
+        """The run config as params: new keys only (an MLflow param never changes; a changed value is told)."""
+        _, _, Param, _ = self._api
+        held = self._call("reading the run", self._client.get_run, self.run_id).data.params
+        limit = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+        new, changed = [], []
+        for key, value in hparams.items():
+            name, text = _metric_name(key), str(value)[:limit]
+            if name not in held:
+                new.append(Param(name, text))
+                held[name] = text
+            elif held[name] != text:
+                changed.append(name)
+        for i in range(0, len(new), 100):  # MLflow's limit on params per batch
+            self._call("logging params", self._client.log_batch, self.run_id, params=new[i:i + 100])
+        if changed:
+            handler._warn(f"MLflowLogger: the run {self.run_id} keeps the first value of each param (MLflow never "
+                          f"changes one); these differ now: {', '.join(sorted(changed)[:20])}")
+
+    def _write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
+        if self._client is None:
+            return
+        _, Metric, _, _ = self._api
+        if "train_loss" in values:  # an epoch's end
+            values = {**values, "epoch": float(epoch)}
+        stamp = int(time.time() * 1000)
+        metrics = []
+        for key, value in values.items():
+            name = _metric_name(key)
+            if step > self._logged.get(name, -1):
+                metrics.append(Metric(name, float(value), stamp, int(step)))
+                self._logged[name] = step
+        if metrics:
+            self._call("logging metrics", self._client.log_batch, self.run_id, metrics=metrics)
+
+    def _hparams(self, handler: "NNHandler", hparams: Dict[str, Any], metrics: Dict[str, float]) -> None:
+        if self._client is not None:
+            self._params(handler, hparams)
+
+    def _close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            self._call("finishing the run", client.set_terminated, self.run_id, "FINISHED")

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 from omegaconf import DictConfig
 
 from nn_handler import NNHandler, Preempted, SettingError
-from nn_handler.callbacks import CSVLogger, SampleGrid, TensorBoardLogger
+from nn_handler.callbacks import CSVLogger, MLflowLogger, SampleGrid, TensorBoardLogger
 from nn_handler.checkpointing import CheckpointStore
 from nn_handler.distributed import env_topology
 from nn_handler.plotting import record_start
@@ -26,7 +26,7 @@ log = logging.getLogger("runner")
 
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
-LOGGERS = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
+LOGGERS = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
 
 
 def _store(cfg: DictConfig, directory: str) -> CheckpointStore:
@@ -70,18 +70,23 @@ def _sample_grid(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> Optional[Sam
 
 
 def _loggers(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
-    """``logger=csv|tensorboard``: that logger writing into this run's ``logs/``, unless one of its kind was
+    """``logger=csv|tensorboard|mlflow``: that logger writing into this run's ``logs/``, unless one of its kind was
     restored from the checkpoint; restored loggers are moved here (same run directory: the same log goes on)."""
     name = str(cfg.logger.name)
     if name != "none" and name not in LOGGERS:
         raise RunnerError(f"logger.name must be one of none, {', '.join(LOGGERS)}; got {name!r}")
     directory = os.path.join(ctx.output_dir, LOGS_DIR)
     restored = [cb for cb in h.callbacks if isinstance(cb, tuple(LOGGERS.values()))]
+    uri = cfg.logger.get("tracking_uri")
     for cb in restored:
         cb.relocate(directory)
+        if isinstance(cb, MLflowLogger) and uri:  # the command's tracking URI, not only the file's
+            cb.use_tracking_uri(str(uri))
     if name != "none" and not any(isinstance(cb, LOGGERS[name]) for cb in restored):
+        options = {"tracking_uri": None if uri is None else str(uri),
+                   "experiment_name": str(cfg.logger.get("experiment_name") or "nn_handler")} if name == "mlflow" else {}
         try:
-            h.add_callback(LOGGERS[name](dirpath=directory, every_n_steps=int(cfg.logger.every_n_steps)))
+            h.add_callback(LOGGERS[name](dirpath=directory, every_n_steps=int(cfg.logger.every_n_steps), **options))
         except (ImportError, ValueError) as exc:
             raise RunnerError(f"logger={name}: {exc}") from None
 
