@@ -1,12 +1,15 @@
 """Experiment loggers: the train loss and learning rates every N optimizer steps, the epoch's logs,
 and at the end the run's hyperparameters with the final metrics. ``CSVLogger`` writes a CSV file
 (one header, one row per logged step) and ``hparams.json``; ``TensorBoardLogger`` writes event
-files through ``torch.utils.tensorboard`` (the ``tensorboard`` extra).
+files through ``torch.utils.tensorboard`` (the ``tensorboard`` extra); ``MLflowLogger`` an MLflow
+run through ``MlflowClient`` (the ``mlflow`` extra, imported only when one is made).
 
 Only rank 0 writes. Each row or event is flushed as it is written, so a crash leaves what was
 logged. A run that goes on from a checkpoint (same ``dirpath``) continues the same log at the
 checkpoint's global step: CSV rows beyond it (logged after the last checkpoint by a run that then
-crashed) are dropped before appending; TensorBoard purges them (``SummaryWriter(purge_step=...)``).
+crashed) are dropped before appending; TensorBoard purges them (``SummaryWriter(purge_step=...)``);
+MLflow, which cannot delete a point, reopens the same run (its id is the logger's state) and skips
+each metric's steps that run already holds.
 """
 from __future__ import annotations
 
