@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed, parts, rng, specs
+from . import distributed, fsdp, parts, rng, specs
 from .callbacks.base import HOOKS, Callback, dispatch, unknown_hooks
 from .checkpointing import format as F
+from .checkpointing.save import BackgroundSave
 from .checkpointing.store import lineage_for
 from .data import DataSlot, build_dataset, build_loader
-from .ema import EMA
+from .ema import EMA, ShardedEMA, ema_for
 from .enums import LoggingMode, ModelType, coerce_logging_mode, coerce_model_type
 from .errors import SettingError
 from .history import History
@@ -67,26 +68,30 @@ class NNHandler:
     def __init__(self, model_class: Callable[..., nn.Module], device: DeviceLike = "cpu",
                  logger_mode: Optional[Union[LoggingMode, str]] = None,
                  model_type: Union[ModelType, str] = ModelType.CLASSIFICATION,
-                 use_distributed: Optional[bool] = None, **model_kwargs: Any):
+                 use_distributed: Optional[bool] = None, strategy: Any = None, **model_kwargs: Any):
         if isinstance(model_class, nn.Module):
             raise TypeError("NNHandler takes the model's class and its keyword arguments, not a built model: "
                             f"NNHandler({type(model_class).__name__}, **kwargs)")
         if not callable(model_class):
             raise TypeError(f"model_class must be an nn.Module class, got {model_class!r}")
-        self._setup(model_class, device, logger_mode, model_type, use_distributed, model_kwargs, None)
+        self._setup(model_class, device, logger_mode, model_type, use_distributed, model_kwargs, None, strategy)
 
     @classmethod
     def _built(cls, model_class: Callable[..., nn.Module], module: Optional[nn.Module], *, device: DeviceLike,
-               model_type: Union[ModelType, str], model_kwargs: Dict[str, Any]) -> "NNHandler":
+               model_type: Union[ModelType, str], model_kwargs: Dict[str, Any], strategy: Any = None) -> "NNHandler":
         """A handler around ``module``, already built (and holding a checkpoint's verified weights), recorded
         as ``model_class(**model_kwargs)``; ``module=None`` builds it as the constructor does."""
         handler = cls.__new__(cls)
-        handler._setup(model_class, device, None, model_type, None, model_kwargs, module)
+        handler._setup(model_class, device, None, model_type, None, model_kwargs, module, strategy)
         return handler
 
     def _setup(self, model_class: Callable[..., nn.Module], device: DeviceLike, logger_mode: Any, model_type: Any,
-               use_distributed: Optional[bool], model_kwargs: Dict[str, Any], module: Optional[nn.Module]) -> None:
+               use_distributed: Optional[bool], model_kwargs: Dict[str, Any], module: Optional[nn.Module],
+               strategy: Any = None) -> None:
         self._dist = distributed.setup(use_distributed)
+        policy = fsdp.coerce_strategy(strategy)
+        self._fsdp: Optional[fsdp.FSDP] = policy if self._dist.enabled else None  # one process: nothing to shard
+        self._saver = BackgroundSave(self._dist)
         self._device = distributed.resolve_device(device, self._dist)
         self._model_type = coerce_model_type(model_type)
         self.logger = logger
@@ -99,7 +104,9 @@ class NNHandler:
         module = module.to(self._device)
         self._module = unwrap(module)  # the user's own module, under e.g. a factory's torch.compile
         self._model: nn.Module = module
-        if self._dist.enabled:
+        if self._fsdp is not None:  # sharded in place: the module is its own wrapper
+            self._model = self._module = fsdp.shard(self._module, self._fsdp, self._device, self._dist.world_size)
+        elif self._dist.enabled:
             ids = [self._device.index] if self._device.type == "cuda" else None
             # A module adopted from a checkpoint holds the same verified weights on every rank:
             # DDP's initial broadcast of rank 0's parameters would only copy them again.
@@ -136,8 +143,13 @@ class NNHandler:
     # ------------------------------------------------------------------ read-only views
     @property
     def model(self) -> nn.Module:
-        """The model as trained (wrapped in DistributedDataParallel under DDP)."""
+        """The model as trained (wrapped in DistributedDataParallel under DDP; sharded in place under FSDP)."""
         return self._model
+
+    @property
+    def strategy(self) -> str:
+        """How the model is spread over the ranks: "fsdp" (sharded), "ddp" (replicated) or "none" (one process)."""
+        return "fsdp" if self._fsdp is not None else ("ddp" if self._dist.enabled else "none")
 
     @property
     def module(self) -> nn.Module:
@@ -401,7 +413,8 @@ class NNHandler:
               ema_decay: Optional[float] = None, seed: Optional[int] = None, progress_bar: bool = True, *,
               validate_with_ema: Optional[bool] = None, checkpoint_dir: Any = None,
               save_every_n_steps: Optional[int] = None, save_every_n_epochs: Optional[int] = None,
-              keep_last: Optional[int] = None, handle_signals: Optional[bool] = None) -> None:
+              keep_last: Optional[int] = None, handle_signals: Optional[bool] = None, async_save: bool = False,
+              sharded_checkpoints: Optional[bool] = None) -> None:
         """Train ``epochs`` more epochs.
 
         A setting left as None keeps what the handler has (after ``load``, what was saved).
@@ -417,6 +430,9 @@ class NNHandler:
         current step, save, and raise ``Preempted`` (a SystemExit with code 128 + the signal
         number; ``handle_signals=False`` leaves signals alone). A checkpoint taken inside an
         epoch resumes with its next batch, and an interrupted epoch counts as one of ``epochs``.
+        ``async_save=True`` writes each checkpoint in the background while training goes on (the
+        pre-emption checkpoint is written at once; ``train`` returns once the last one is complete).
+        ``sharded_checkpoints`` writes DCP directories (``ckpt-....dcp``); the default is sharded under FSDP.
         """
         if int(epochs) < 0:
             raise SettingError("epochs", f"epochs must be >= 0, got {epochs!r}")
@@ -440,6 +456,8 @@ class NNHandler:
             from .checkpointing.store import CheckpointStore
             store = checkpoint_dir if isinstance(checkpoint_dir, CheckpointStore) else \
                 CheckpointStore(checkpoint_dir, keep_last=keep_last)
+            if sharded_checkpoints is not None:
+                store.sharded = bool(sharded_checkpoints)
             if epochs:
                 store.check_monitor(self)  # a misspelled monitor: an error now, not a warning at the first save
         elif save_every_n_steps or save_every_n_epochs:
@@ -447,9 +465,20 @@ class NNHandler:
         if handle_signals is None:
             handle_signals = store is not None
         if epochs:
-            save = None if store is None else (lambda tag="": str(store.save(self, tag=tag)))
-            run_loop(self._loop_context(save), int(epochs), progress_bar, every_n_steps=save_every_n_steps,
-                     every_n_epochs=save_every_n_epochs, handle_signals=handle_signals)
+            def save(tag: str = "") -> str:  # a pre-emption's checkpoint is written before the process goes
+                return str(store.save(self, tag=tag, asynchronous=bool(async_save) and tag != "preempt"))
+
+            try:
+                run_loop(self._loop_context(save if store is not None else None), int(epochs), progress_bar,
+                         every_n_steps=save_every_n_steps, every_n_epochs=save_every_n_epochs,
+                         handle_signals=handle_signals)
+            except BaseException:
+                try:
+                    self._saver.wait()  # never leave a write behind; the first error is the one raised
+                except Exception as exc:  # noqa: BLE001
+                    self.logger.warning("the background save also failed: %s", exc)
+                raise
+            self._saver.wait()
 
     def _loop_context(self, save: Optional[Callable[..., Optional[str]]] = None) -> LoopContext:
         """The pieces the training loop works on, after checking that training can start.
@@ -474,11 +503,14 @@ class NNHandler:
         if not decay:
             self._ema = None
         elif self._ema is None:
-            self._ema = EMA(self._module, decay)
+            self._ema = ema_for(self._module, decay)
         elif self._ema.decay != decay:
-            state = self._ema.state_dict()
-            self._ema = EMA(self._module, decay)
-            self._ema.load_state_dict({**state, "decay": decay})
+            if isinstance(self._ema, ShardedEMA):
+                self._ema.decay = float(decay)  # the average so far goes on under the new decay
+            else:
+                state = self._ema.state_dict()
+                self._ema = EMA(self._module, decay)
+                self._ema.load_state_dict({**state, "decay": decay})
         return self._ema
 
     @contextlib.contextmanager
@@ -598,11 +630,23 @@ class NNHandler:
         was_training = module.training
         module.eval()
         outputs = []
+        x = None
         try:
             with autocast_context(self._device, self._settings.use_amp):
                 for batch in batches:
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
                     outputs.append(module(to_device(x, self._device)).float())
+                if self._fsdp is not None:  # a sharded forward is a collective: every rank runs as many
+                    from .train.evaluate import equal_forwards
+                    extra = equal_forwards(len(outputs), self._dist)
+                    if extra and x is None:
+                        probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
+                        x = probe[0] if isinstance(probe, (list, tuple)) else probe
+                        x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
+                        outputs.append(module(to_device(x, self._device)).float()[:0])
+                        extra -= 1
+                    for _ in range(extra):
+                        module(to_device(x, self._device))
         finally:
             module.train(was_training)
         if shard:
@@ -652,7 +696,8 @@ class NNHandler:
         schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         return {
             F.MODEL_STATE: parts.Weights(self._module, lambda weights: None),  # built with the model (loading)
-            F.OPTIMIZER: component("optimizer", "_optimizer", self.set_optimizer, torch.optim.Optimizer),
+            F.OPTIMIZER: parts.OptimizerPart("optimizer", lambda: self._optimizer, record("optimizer"), self.set_optimizer,
+                                             torch.optim.Optimizer, context=ctx, model=lambda: self._module),
             F.SCHEDULER: component("scheduler", "_scheduler", self.set_scheduler, schedulers),
             F.GRAD_SCALER: parts.GradScaler(lambda: self._grad_scaler, lambda: self._grad_scaler_for(True)),
             F.LOSS: component("loss_fn", "_loss_fn", self.set_loss_fn, nn.Module, functions=True, stateful=False),
@@ -680,6 +725,7 @@ class NNHandler:
             if not specs.plain_problem(specs.to_plain(kwargs), "kwargs"):
                 model["kwargs"] = specs.to_plain(kwargs)
         return {F.WORLD_SIZE: self.world_size, F.MODEL: model,
+                F.STRATEGY: self._fsdp.record() if self._fsdp is not None else {"strategy": self.strategy},
                 F.UNRECORDED: {} if spec is not None else {"model": reason or "not recordable"}}
 
     def _put_ema(self, ema: Optional[EMA]) -> None:
@@ -698,12 +744,46 @@ class NNHandler:
         from .checkpointing.save import assemble
         return assemble(self.parts(), self.header())
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the whole handler to ``path`` atomically. Under DDP rank 0 writes and every rank waits."""
-        from .checkpointing.save import save
-        save(self.parts(), self.header(), path, self._dist, self._warn)
+    def save(self, path: Union[str, os.PathLike], *, sharded: Optional[bool] = None, asynchronous: bool = False,
+             after: Optional[Callable[[], None]] = None) -> None:
+        """Write the whole handler to ``path`` atomically. Under DDP rank 0 writes and every rank waits.
+
+        ``sharded=True`` (the default for a path ending in ``.dcp``) writes a directory of
+        ``torch.distributed.checkpoint`` shards, each rank its own, committed by one rename; it loads on
+        any number of ranks, under any strategy. ``asynchronous=True`` copies the state now and writes it
+        in a background thread while training goes on (at most one save in flight: the next save, the
+        end of ``train`` and ``wait_for_save()`` wait for it, and raise its error). ``after`` runs on rank
+        0 once the checkpoint is complete (in the background thread for an asynchronous save).
+        """
+        from .checkpointing import sharded as shards
+        from .checkpointing.save import snapshot, write
+        if sharded is None:
+            sharded = os.fspath(path).rstrip("/").endswith(shards.SUFFIX) or shards.is_sharded(path)
+        sharded = bool(sharded)
+        self._saver.wait()  # at most one in flight; its error is raised here, on every rank
+        if not asynchronous:
+            write(snapshot(self.parts(), self.header(), self._dist, sharded=sharded), path, self._dist, self._warn,
+                  sharded=sharded)
+            if after is not None and self._dist.is_main:
+                after()
+        else:
+            group = self._saver.group() if sharded else None
+            snap = snapshot(self.parts(), self.header(), self._dist, sharded=sharded, stage=True)
+            info, warn, main = self._dist, self._warn, self._dist.is_main
+
+            def write_in_background() -> Optional[BaseException]:
+                error = write(snap, path, info, warn, group=group, sharded=sharded, agree=False)
+                if error is None and after is not None and main:
+                    after()
+                return error
+
+            self._saver.submit(write_in_background, path)
         for cb in dispatch(self._callbacks, "on_save"):
             cb.on_save(self, os.fspath(path))
+
+    def wait_for_save(self) -> None:
+        """Wait for an asynchronous save in flight (every rank calls it); raise its error if it failed on any rank."""
+        self._saver.wait()
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike, "CheckpointFile"], device: DeviceLike = None,
@@ -711,7 +791,7 @@ class NNHandler:
              skip_history: bool = False, skip_callbacks: bool = False, skip_sampler_sde: bool = False,
              skip_ema: bool = False, *, model_class: Optional[Callable[..., nn.Module]] = None,
              model_kwargs: Optional[Dict[str, Any]] = None, model_type: Optional[Union[ModelType, str]] = None,
-             mmap: bool = False, trusted_packages: Sequence[str] = ()) -> "NNHandler":
+             mmap: bool = False, trusted_packages: Sequence[str] = (), strategy: Any = None) -> "NNHandler":
         """A handler rebuilt from a file written by ``save``; each ``skip_*`` leaves that part fresh.
 
         ``path`` may be an open ``nn_handler.checkpointing.CheckpointFile`` (then it is read through,
@@ -722,13 +802,19 @@ class NNHandler:
         the handler lives, which ``save`` never does). A file may name, besides classes of each
         component's own kind, only nn_handler's and torch's own building blocks and what lives in the
         model's package or in ``trusted_packages``.
+
+        ``path`` may be a sharded checkpoint (a ``.dcp`` directory), saved by any number of ranks: it
+        loads on this job's ranks, resharded. ``strategy`` ("ddp", "fsdp" or an ``FSDP`` policy) says how
+        to spread the model over a job's ranks; by default as the checkpoint was (FSDP when it was sharded
+        with FSDP), replicated otherwise.
         """
         from .loading import load
         leave_out = parts.left_out(skip_optimizer=skip_optimizer, skip_scheduler=skip_scheduler,
                                    skip_history=skip_history, skip_callbacks=skip_callbacks,
                                    skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)
         return load(cls, path, device=device, strict_load=strict_load, leave_out=leave_out, model_class=model_class,
-                    model_kwargs=model_kwargs, model_type=model_type, mmap=mmap, trusted_packages=trusted_packages)
+                    model_kwargs=model_kwargs, model_type=model_type, mmap=mmap, trusted_packages=trusted_packages,
+                    strategy=strategy)
 
     @classmethod
     def initialize_from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],

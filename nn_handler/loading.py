@@ -67,7 +67,7 @@ def load(handler_class: type, path: Union[PathLike, CheckpointFile], device: Dev
          strict_load: bool = False, leave_out: FrozenSet[str] = frozenset(), *,
          model_class: Optional[type] = None, model_kwargs: Optional[Dict[str, Any]] = None,
          model_type: Optional[Union[ModelType, str]] = None, mmap: bool = False,
-         trusted_packages: Sequence[str] = ()) -> "NNHandler":
+         trusted_packages: Sequence[str] = (), strategy: Any = None) -> "NNHandler":
     """``NNHandler.load``: see its docstring; ``leave_out`` are the part names its ``skip_*`` flags name."""
     info = distributed.setup(None)  # join the job first, so that all ranks can agree on the outcome
     target = distributed.resolve_device(device, info)
@@ -78,8 +78,9 @@ def load(handler_class: type, path: Union[PathLike, CheckpointFile], device: Dev
             found = interop.read_weights(ckpt, target, info)
             return from_weights(handler_class, path_str, found, model_class, model_type, target, strict_load, None,
                                 trusted_packages, dict(model_kwargs or {}), info)
-        obj = ckpt.state(target, mmap=mmap)  # raises on every rank if the file fails on any
+        obj = ckpt.state(target, mmap=mmap)  # raises on every rank if the file fails on any (its shards too)
         checksum = ckpt.checksum
+        shards = ckpt.sharded_record
     if not F.is_handler_state(obj) and interop.holds_weights(obj):
         found, error = None, None  # another tool's weights file (Lightning, {"state_dict": ...}): its weights
         try:
@@ -103,14 +104,38 @@ def load(handler_class: type, path: Union[PathLike, CheckpointFile], device: Dev
     try:
         handler = restore(handler_class, state, path_str, target, strict_load, leave_out, model_class=model_class,
                           model_kwargs=model_kwargs, model_type=model_type, trusted_packages=tuple(trusted_packages),
-                          checksum=checksum)
+                          checksum=checksum, strategy=strategy if strategy is not None else _recorded_strategy(state, info))
     except (CheckpointError, FileNotFoundError, Warning) as exc:  # (a warning the caller made an error)
         error = exc
     except Exception as exc:  # a file with the right checksum but fields that do not make sense
         error = IncompatibleCheckpointError(path_str, f"cannot restore from this file: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
     distributed.agree(error, info, f"restoring from {path_str}", path_str)
+    if shards is not None:  # the tensors of the parts, from the (verified) shards, laid out as this job holds them
+        error = None
+        try:
+            from .checkpointing import sharded
+            sharded.load(path_str, shards, handler.parts(), leave_out, strict_load, handler._warn, info, state)
+        except CheckpointError as exc:
+            error = exc
+        except Exception as exc:
+            error = IncompatibleCheckpointError(path_str, f"cannot restore its shards: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        distributed.agree(error, info, f"restoring from {path_str}", path_str)
     return handler
+
+
+def _recorded_strategy(state: Dict[str, Any], info: distributed.DistInfo) -> Any:
+    """The strategy a checkpoint records (FSDP's policy as plain data), for a job of several ranks; else None."""
+    record = state.get(F.STRATEGY)
+    if not info.enabled or not isinstance(record, dict) or record.get("strategy") != "fsdp":
+        return None
+    from .fsdp import FSDP
+    try:
+        return FSDP(**{k: record[k] for k in ("wrap", "min_params", "param_dtype", "reduce_dtype",
+                                                  "reshard_after_forward") if k in record})
+    except (TypeError, ValueError):
+        return "fsdp"  # a policy this release cannot read: FSDP's defaults
 
 
 def initialize_from_checkpoint(handler_class: type, checkpoint_path: Union[PathLike, CheckpointFile],
@@ -157,7 +182,7 @@ def from_weights(handler_class: type, path_str: str, found: Any, model_class: An
 def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, strict_load: bool,
             leave_out: FrozenSet[str] = frozenset(), model_class: Any = None,
             model_kwargs: Optional[Dict[str, Any]] = None, model_type: Any = None,
-            trusted_packages: Any = (), checksum: Any = "read") -> "NNHandler":
+            trusted_packages: Any = (), checksum: Any = "read", strategy: Any = None) -> "NNHandler":
     """A handler built from ``state`` (already verified and migrated), minus the parts ``leave_out``.
 
     ``model_class`` (with ``model_kwargs``) builds that model instead of the recorded one,
@@ -180,8 +205,9 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
             raise IncompatibleCheckpointError(path, f"cannot rebuild the model: {exc}") from None
         if model_kwargs is None:  # the file's kwargs: to the model only, within a size bound
             model_kwargs = recorded_kwargs
-            problem = recorded_model_problem(handler_class, model_class, model_kwargs,
-                                             weight_elements(state[F.MODEL_STATE]))
+            elements = weight_elements(state[F.MODEL_STATE]) if F.SHARDED not in state else \
+                _sharded_elements(state, path)
+            problem = recorded_model_problem(handler_class, model_class, model_kwargs, elements)
             if problem:
                 raise UnsafeCheckpointError(path, problem)
     elif model_kwargs is None and model_entry.get("spec") is None:  # a class the file could only name (__main__)
@@ -193,8 +219,8 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
     module = build_module_from_weights(model_class, model_kwargs or {}, state[F.MODEL_STATE], torch.device(device))
     h = handler_class._built(model_class, module, device=device,
                              model_type=coerce_model_type(model_type or model_entry.get("model_type")),
-                             model_kwargs=model_kwargs or {})
-    if module is None:
+                             model_kwargs=model_kwargs or {}, strategy=strategy)
+    if module is None and F.SHARDED not in state:  # (a sharded checkpoint's weights come from its shards)
         load_model_weights(h.module, state[F.MODEL_STATE], strict_load, path, h._warn)
     # The model class's own module (the caller's, or the recorded one that resolved) is trusted
     # for the other parts too: what is defined in that module, not what it imports.
@@ -238,6 +264,11 @@ def restore(handler_class: type, state: Dict[str, Any], path: str, device: Any, 
         cb.on_load(h, path)
     parts[F.RNG].load_state_dict(state.get(F.RNG))  # last: building the parts above draws random numbers
     return h
+
+
+def _sharded_elements(state: Dict[str, Any], path: str) -> int:
+    from .checkpointing import sharded
+    return sharded.elements(sharded.checked_record(state[F.SHARDED], path), F.MODEL_STATE)
 
 
 # Components whose failure to restore is told and left unset (the others raise: their state is the run).

@@ -19,12 +19,13 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tupl
 import torch
 from torch import nn
 
-from . import rng, specs
+from . import fsdp, rng, specs
 from .callbacks.base import Callback
 from .checkpointing.save import PerRank, Stateful  # noqa: F401 (the protocols the parts follow, defined once)
 from .data import DataSlot, bounded_loader_options
-from .ema import EMA
+from .ema import EMA, ema_for
 
+SHARDED_MARK = "sharded"  # in a sharded checkpoint's plain state of a part: its tensors are in the shards
 Record = Tuple[Optional[Dict[str, Any]], Optional[str]]  # (spec, why it could not be recorded)
 
 
@@ -119,16 +120,34 @@ def _entry(record: Record, name: str, state: Any = None,
 
 # ---------------------------------------------------------------------------- the parts
 class Weights:
-    """The model's weights: its own state_dict keys (never a wrapper's prefix)."""
+    """The model's weights: its own state_dict keys (never a wrapper's prefix). A sharded (FSDP) model's
+    ``state_dict()`` is the whole weights gathered on rank 0 (every rank calls it); ``sharded_state`` keeps
+    each rank's shards, for a DCP checkpoint."""
 
     def __init__(self, module: nn.Module, load: Callable[[Dict[str, Any]], None]):
         self._module, self._load = module, load
 
     def state_dict(self) -> Dict[str, Any]:
-        return dict(self._module.state_dict())
+        return fsdp.model_state(self._module, full=True)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._load(state)
+
+    def sharded_state(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+        return {}, fsdp.model_state(self._module, full=False)
+
+    def sharded_targets(self) -> Dict[str, torch.Tensor]:
+        return fsdp.model_state(self._module, full=False)
+
+    def load_sharded(self, tensors: Dict[str, torch.Tensor], plain: Any = None) -> None:
+        if fsdp.is_sharded(self._module):  # (DCP loaded into the shards in place; this also checks them)
+            fsdp.load_model_state(self._module, tensors, full=False, strict=False)
+        else:
+            with torch.no_grad():
+                own = self._module.state_dict()
+                for key, t in tensors.items():
+                    if own[key] is not t and own[key].data_ptr() != t.data_ptr():
+                        own[key].copy_(t)
 
 
 class Component:
@@ -173,6 +192,69 @@ class Component:
         obj = self._get()
         if self._stateful and "state" in entry and callable(getattr(obj, "load_state_dict", None)):
             obj.load_state_dict(entry["state"])
+
+
+class OptimizerPart(Component):
+    """The optimizer: as ``Component``; with a sharded (FSDP) model its single-file state is gathered whole on
+    rank 0 in torch's own layout (so any strategy loads it), and a sharded checkpoint keeps each rank's
+    shards of it (keyed by parameter name), the plain rest (parameter groups) in the header."""
+
+    def __init__(self, *args: Any, model: Callable[[], nn.Module], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._model = model
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        obj = self._get()
+        if obj is None:
+            return None
+        entry, _ = _entry(self._record(), self.name, fsdp.optimizer_state(self._model(), obj, full=True), True)
+        return entry
+
+    def load_state_dict(self, entry: Optional[Mapping[str, Any]]) -> None:
+        if not entry:
+            return
+        cls, kwargs = self.context.build(entry, self.name, self._expected)
+        self._rebuild(cls, **kwargs)
+        state = entry.get("state")
+        if isinstance(state, Mapping) and state.get(SHARDED_MARK):
+            return  # its tensors come from the shards (load_sharded)
+        if state is not None:
+            fsdp.load_optimizer_state(self._model(), self._get(), state, full=True)
+
+    def sharded_state(self) -> Tuple[Optional[Dict[str, Any]], Dict[str, torch.Tensor]]:
+        obj = self._get()
+        if obj is None:
+            return None, {}
+        state = fsdp.optimizer_state(self._model(), obj, full=False)
+        tensors, scalars = {}, {}
+        for fqn, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{fqn}/{key}"] = value
+                else:
+                    scalars.setdefault(fqn, {})[key] = value
+        entry, _ = _entry(self._record(), self.name, {SHARDED_MARK: True, "param_groups": state["param_groups"],
+                                                      "scalars": scalars}, True)
+        return entry, (tensors if entry is not None else {})
+
+    def sharded_targets(self) -> Dict[str, torch.Tensor]:
+        obj = self._get()
+        if obj is None:
+            return {}
+        state = fsdp.optimizer_state(self._model(), obj, full=False)  # (its state made, zero, if it had none)
+        return {f"{fqn}/{key}": value for fqn, values in state["state"].items() for key, value in values.items()
+                if isinstance(value, torch.Tensor)}
+
+    def load_sharded(self, tensors: Dict[str, torch.Tensor], entry: Any = None) -> None:
+        pending = (entry or {}).get("state") or {}
+        per_param: Dict[str, Dict[str, Any]] = {}
+        for key, t in tensors.items():
+            fqn, name = key.rsplit("/", 1)
+            per_param.setdefault(fqn, {})[name] = t
+        for fqn, values in (pending.get("scalars") or {}).items():
+            per_param.setdefault(fqn, {}).update(values)
+        fsdp.load_optimizer_state(self._model(), self._get(), {"state": per_param,
+                                                               "param_groups": pending["param_groups"]}, full=False)
 
 
 class Metrics:
@@ -317,7 +399,10 @@ class EmaWeights:
     def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
         if state is None:
             return
-        ema = EMA(self._module, state["decay"])
+        ema = ema_for(self._module, state["decay"])
+        if state.get(SHARDED_MARK):  # its weights come from the shards (load_sharded)
+            self._put(ema)
+            return
         try:
             ema.load_state_dict(dict(state))
         except (RuntimeError, KeyError) as exc:  # e.g. model_class= built a model with other parameters
@@ -326,6 +411,22 @@ class EmaWeights:
                               f"({' '.join(str(exc).split())}); training starts a new average, or pass skip_ema=True")
             return
         self._put(ema)
+
+    def sharded_state(self) -> Tuple[Optional[Dict[str, Any]], Dict[str, torch.Tensor]]:
+        ema = self._get()
+        if ema is None:
+            return None, {}
+        plain, tensors = ema.sharded_state()
+        return {**plain, SHARDED_MARK: True}, tensors
+
+    def sharded_targets(self) -> Dict[str, torch.Tensor]:
+        ema = self._get()
+        return ema.sharded_state()[1] if ema is not None else {}
+
+    def load_sharded(self, tensors: Dict[str, torch.Tensor], plain: Any = None) -> None:
+        ema = self._get()
+        if ema is not None:
+            ema.load_sharded(dict(plain or {}), tensors)
 
 
 class GradScaler:

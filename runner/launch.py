@@ -186,7 +186,7 @@ def _run_job(cfg: DictConfig) -> Optional[Dict[str, Any]]:
 
 
 # metrics.json keys that are bookkeeping, never an objective.
-_NOT_OBJECTIVES = ("epoch", "world_size", "signal", "exit_code")
+_NOT_OBJECTIVES = ("epoch", "world_size", "signal", "exit_code", "samples", "checkpoint_read", "checkpoint_written")
 
 
 def returned_to_hydra(cfg: DictConfig, record: Optional[Dict[str, Any]]) -> Any:

@@ -57,6 +57,17 @@ def training_metrics(h: Any, task: str, checkpoint_read: Optional[str], checkpoi
     return record
 
 
+# metrics.json keys that are bookkeeping, never an objective (runner/launch.py's returned_to_hydra says the same).
+NOT_OBJECTIVES = ("task", "epoch", "world_size", "samples", "checkpoint_read", "checkpoint_written", "status",
+                  "error", "signal", "exit_code")
+
+
+def objective_names(record: Dict[str, Any]) -> List[str]:
+    """The keys of a task's record that ``objective=`` may name: its metrics (numbers, or None: no value yet)."""
+    return [k for k, v in record.items() if k not in NOT_OBJECTIVES and
+            (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
+
+
 def write_metrics(output_dir: str, record: Dict[str, Any]) -> str:
     path = os.path.join(output_dir, METRICS_FILE)
     with open(path, "w") as fh:
@@ -77,67 +88,31 @@ def _override_value(value: str) -> str:
     return value
 
 
-def _config_sources_of_argv(argv: Sequence[str]) -> Dict[str, str]:
-    """``--config-dir`` / ``-cd`` and ``--config-name`` / ``-cn`` as given in ``argv``."""
-    found: Dict[str, str] = {}
-    names = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if flag in names and eq:
-            found[names[flag]] = value
-        elif arg in names and i + 1 < len(argv):
-            found[names[arg]] = argv[i + 1]
-    return found
-
-
-def _config_source_args(launch_dir: str) -> List[str]:
-    """The Hydra flags a later command needs to compose the config as this run did: the user's
-    ``--config-dir`` (shown relative to ``launch_dir`` when inside it) and a ``--config-name`` other than
-    the runner's own. From Hydra's runtime config when this process has one, else the command line."""
-    config_dir: Optional[str] = None
-    name: Optional[str] = None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            for source in hc.runtime.config_sources:
-                if source.provider == "command-line" and source.schema == "file":
-                    config_dir = str(source.path)
-            name = hc.job.config_name
-    except Exception:  # noqa: BLE001 (no Hydra runtime here: a worker process; the command line says it)
-        config_dir = name = None
-    if config_dir is None and name is None:
-        given = _config_sources_of_argv(sys.argv[1:])
-        config_dir = given.get("dir")
-        config_dir = os.path.abspath(os.path.join(launch_dir, config_dir)) if config_dir else None
-        name = given.get("name")
-    args: List[str] = []
-    if config_dir:
-        args += ["--config-dir", shlex.quote(_shown_path(config_dir, launch_dir))]
-    if name and name != "config":
-        args += ["--config-name", shlex.quote(name)]
-    return args
-
-
-def next_commands(checkpoint: str, launch_dir: str, trust: Sequence[str] = (), generative: bool = False) -> str:
+def next_commands(checkpoint: str, launch_dir: str, trust: Sequence[str] = (), generative: bool = False,
+                  config_flags: Sequence[str] = (), config_overrides: Sequence[str] = (),
+                  finetune_choices: Sequence[str] = ()) -> str:
     """The commands that resume, fine-tune and infer from (or, for a ``generative`` model, sample from)
-    ``checkpoint``, each working as printed when run from ``launch_dir``: with this run's ``--config-dir``
-    (and ``--config-name``), and ``trust``, the user's own modules the checkpoint names (which those
-    commands build from the file, so must trust)."""
+    ``checkpoint``, each working as printed when run from ``launch_dir``: with this run's ``config_flags``
+    (``--config-dir``, ``--config-name``...) and ``config_overrides`` (``hydra.searchpath=[...]``), so they
+    find the same configs; ``trust``, the user's own modules the checkpoint names (which those commands
+    build from the file, so must trust); and for a fine-tune, which builds its optimizer and scheduler from
+    the config, ``finetune_choices``: this run's own choices of those groups (``optimizer=sgd``)."""
     arg = shlex.quote(f"checkpoint.path={_override_value(_shown_path(checkpoint, launch_dir))}")
     if trust:
         arg += " " + shlex.quote(f"load.trusted_packages=[{','.join(_override_value(t) for t in trust)}]")
-    runner = " ".join(["python -m runner", *_config_source_args(launch_dir)])
+    flags = " ".join(["python -m runner", *(shlex.quote(f) for f in config_flags)])
+    runner = " ".join([flags, *(shlex.quote(o) for o in config_overrides)])
+    sweep = " ".join([flags, "-m", *(shlex.quote(o) for o in config_overrides)])  # flags before any override
+    tune = "".join(f" {shlex.quote(c)}" for c in finetune_choices)
     use = (f"  sample:    {runner} task=sample {arg} seed=0" if generative else
            f"  infer:     {runner} task=infer {arg}")
     return "\n".join([
         f"checkpoint: {checkpoint}",
         "next, from this directory:",
         f"  resume:    {runner} task=resume {arg} train.epochs=5",
-        f"  fine-tune: {runner} task=finetune {arg} optimizer.lr=1e-4",
+        f"  fine-tune: {runner} task=finetune {arg}{tune} optimizer.lr=1e-4",
         use,
-        f"  sweep:     {runner} -m task=finetune {arg} optimizer.lr=1e-3,1e-4",
+        f"  sweep:     {sweep} task=finetune {arg}{tune} optimizer.lr=1e-3,1e-4",
     ])
 
 

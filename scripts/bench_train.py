@@ -7,9 +7,12 @@ variants, each in a fresh process, alternating, several times:
   hand         the loop a user writes by hand: DataLoader(shuffle=True), zero_grad, forward,
                loss, backward, step, loss summed per epoch
   handler      NNHandler.train with progress_bar=False
-  handler_bar  NNHandler.train with the progress bar on (written to a pipe)
+  handler_bar  NNHandler.train with the progress bar on, drawn on a terminal: the child's stderr
+               is a pseudo-terminal (the bar shows only on a terminal; on a pipe or a file it
+               is off, which is the "handler" variant), and this process reads what it draws
 
-Prints medians and the ratios handler/hand and handler_bar/hand as one JSON line.
+Prints medians and the ratios handler/hand and handler_bar/hand as one JSON line, and how many
+bytes the bar drew (0 would mean it never showed, and the variant measured nothing).
 
     .venv/bin/python scripts/bench_train.py [--reps 5]
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 N, IN, OUT, BATCH = 64_000, 32, 4, 32
@@ -66,21 +71,68 @@ def child(variant: str) -> float:
     return time.perf_counter() - t
 
 
+def _run_child(variant: str) -> "tuple[float, int]":
+    """The variant's time in a fresh process, and the bytes its stderr received. ``handler_bar``: stderr
+    is a pseudo-terminal (as a user's terminal is), drained by a thread here so the bar never blocks."""
+    argv = [sys.executable, __file__, "--child", variant]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if variant != "handler_bar":
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+        return float(out.stdout.strip().splitlines()[-1]), len(out.stderr)
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0x0: no room for a bar
+    drawn = [0]
+    tail = bytearray()  # the end of what the child wrote there: its error, if it fails
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal (EIO on Linux)
+                return
+            if not chunk:
+                return
+            drawn[0] += len(chunk)
+            tail.extend(chunk)
+            del tail[:-4096]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, text=True, env=env)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed (exit {proc.returncode}):\n{tail.decode(errors='replace')}")
+    return float(proc.stdout.strip().splitlines()[-1]), drawn[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     variants = ["hand", "handler", "handler_bar"]
     times = {v: [] for v in variants}
+    bar_bytes = []
     for rep in range(args.reps):
         for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--child", v], check=True, capture_output=True, text=True,
-                                 env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-            times[v].append(float(out.stdout.strip().splitlines()[-1]))
-            print(f"rep {rep} {v}: {times[v][-1]:.3f}s", file=sys.stderr, flush=True)
+            seconds, stderr_bytes = _run_child(v)
+            times[v].append(seconds)
+            if v == "handler_bar":
+                bar_bytes.append(stderr_bytes)
+            print(f"rep {rep} {v}: {seconds:.3f}s", file=sys.stderr, flush=True)
+    if not all(bar_bytes):
+        raise SystemExit(f"the bar drew nothing on the pseudo-terminal ({bar_bytes} bytes): handler_bar measured no bar")
     med = {v: statistics.median(ts) for v, ts in times.items()}
     print(json.dumps({"steps": N // BATCH, "median_s": med, "handler_vs_hand": med["handler"] / med["hand"],
-                      "handler_bar_vs_hand": med["handler_bar"] / med["hand"]}))
+                      "handler_bar_vs_hand": med["handler_bar"] / med["hand"],
+                      "bar_bytes_drawn": statistics.median(bar_bytes)}))
 
 
 if __name__ == "__main__":

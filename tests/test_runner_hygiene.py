@@ -1,5 +1,6 @@
 """The runner's manners, as a user meets them in real ``python -m runner`` processes: monitors checked
-before training, a failed run's record (metrics.json and runner.log), logging set once (``hydra.verbose``
+before training, a failed run's record (metrics.json and runner.log; also for a failure in the launch
+before the task starts, and for an objective the task's record lacks), logging set once (``hydra.verbose``
 makes the runner verbose, not matplotlib), no carriage returns in redirected output, files with the
 umask's permissions, and the pictures a run leaves. The library's own monitor checks come first."""
 from __future__ import annotations
@@ -110,6 +111,34 @@ def test_a_run_that_crashes_while_training_records_how_far_it_got_and_the_traceb
     assert record["error"].startswith("RuntimeError: ") and "\n" not in record["error"]
     log = (tmp_path / "out" / "runner.log").read_text()
     assert "train failed: RuntimeError" in log and "Traceback" in log
+
+
+# ---------------------------------------------------------------------------- failures outside the task itself
+@pytest.mark.parametrize("override, message", [
+    ("launcher.nproc_per_node=0", "launcher.nproc_per_node must be >= 1, got 0"),  # the launch, before any task
+    ("objective=val_acc", "objective=val_acc is not a metric of task=train"),  # checked before training
+])
+def test_a_failure_before_the_task_starts_leaves_a_failed_record_and_one_message(override, message, tmp_path):
+    proc = run_cli([*TINY, override, "hydra.run.dir=out"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (proc.stdout + proc.stderr).count(message) == 1, proc.stderr
+    run_dir = tmp_path / "out"
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["task"] == "train" and record["status"] == "failed" and message in record["error"]
+    assert message in (run_dir / "runner.log").read_text()
+    assert not (run_dir / "checkpoints").exists()  # nothing trained
+
+
+def test_an_objective_the_finished_task_lacks_fails_it_and_its_record_keeps_the_figures(verbose_run):
+    _, run_dir = verbose_run
+    proc = run_cli(["task=infer", "checkpoint.path=out/checkpoints/last.pth", "objective=val_acc",
+                    "hydra.run.dir=infer-objective"], cwd=run_dir.parent)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "objective=val_acc is not a metric of task=infer: choose one of" in proc.stderr
+    assert "checkpoint_written" not in proc.stderr and "samples" not in proc.stderr  # bookkeeping is no objective
+    record = json.loads((run_dir.parent / "infer-objective" / "metrics.json").read_text())
+    assert record["status"] == "failed" and "objective=val_acc" in record["error"]
+    assert record["task"] == "infer" and isinstance(record["loss"], float) and 0 <= record["accuracy"] <= 1
 
 
 # ---------------------------------------------------------------------------- logging, output and file modes

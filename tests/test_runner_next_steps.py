@@ -1,8 +1,10 @@
 """The "next steps" commands a training run prints, run verbatim as a user copies them.
 
-Three runs, each trained once (shortened with overrides) and reused: the default config, the score-based
-``experiment=digits_score``, and a user's ``--config-dir`` package whose model is a factory function
-(``mypkg.models.build``) and whose data is its own function. Each printed command is split with
+Four runs, each trained once (shortened with overrides) and reused: the default config, the score-based
+``experiment=digits_score``, a user's ``--config-dir`` package whose model is a factory function
+(``mypkg.models.build``) and whose data is its own function, and the same package reached as a user may
+configure it otherwise: their own primary config (``--config-name``) whose groups live in a directory found
+through ``hydra.searchpath``, with an optimizer group of theirs chosen on the command line. Each printed command is split with
 ``shlex`` and run from the same directory, with the virtual environment first on PATH (as after
 ``source .venv/bin/activate``) and, for the user's package, PYTHONPATH naming it.
 """
@@ -112,16 +114,20 @@ def runs(tmp_path_factory) -> Dict[str, Case]:
     (one command per case at a time: within a case they run one after the other, as a user would, so that
     each gets its own timestamped run directory)."""
     root = tmp_path_factory.mktemp("next-user")
-    cases = {
+    cases: Dict[str, Case] = {
         "default": Case(tmp_path_factory.mktemp("next-default"),
                         ["data=synthetic", "model.hidden=[8]", "train.epochs=1"], _env()),
         "score": Case(tmp_path_factory.mktemp("next-score"),
                       ["experiment=digits_score", "train.epochs=1", "sample.n=4", "sample.steps=5"], _env(),
                       extra={"infer": ["task=infer", "checkpoint.path=runs/train", "hydra.run.dir=runs/infer"]}),
-        "user": Case(_user_package(root), ["--config-dir", "conf", "model=mine", "data=mine", "train.epochs=1"],
+        "user": Case(_user_package(root), ["--config-dir", "conf", "model=mine", "data=mine", "train.epochs=1",
+                                           "+metrics.acc=nn_handler.metrics.accuracy"],  # a metric the config lacks
                      _env({"PYTHONPATH": str(root / "src")}),
                      extra={"untrusted": ["task=resume", "checkpoint.path=runs/train", "train.epochs=1",
                                           "hydra.run.dir=runs/untrusted"]}),
+        "searchpath": Case(_searchpath_user(tmp_path_factory.mktemp("next-searchpath")),
+                           ["--config-dir", "conf", "--config-name", "myexp", "hydra.searchpath=[file://shared]",
+                            "optimizer=mine"], _env({"PYTHONPATH": str(root / "src")})),
     }
     with ThreadPoolExecutor(len(cases)) as pool:
         list(pool.map(Case.train, cases.values()))
@@ -258,12 +264,14 @@ def test_user_run_records_the_factory_model(runs):
     assert model["target"] == "mypkg.models.build" and model["kwargs"] == {"width": 8}
 
 
-def test_user_run_printed_resume_continues_the_epochs(runs):
-    _check_training(runs["user"], "resume", "resume", 5)
+def test_user_run_printed_resume_continues_the_epochs_with_the_recorded_metrics(runs):
+    proc = _check_training(runs["user"], "resume", "resume", 5)
+    assert isinstance(_metrics(_run_dirs(proc)[0])["val_acc"], float)  # the run's own metric, not only the config's
 
 
-def test_user_run_printed_finetune_trains(runs):
-    _check_training(runs["user"], "fine-tune", "finetune", 10)
+def test_user_run_printed_finetune_trains_with_the_recorded_metrics(runs):
+    proc = _check_training(runs["user"], "fine-tune", "finetune", 10)
+    assert isinstance(_metrics(_run_dirs(proc)[0])["val_acc"], float)
 
 
 def test_user_run_printed_infer_writes_predictions(runs):
@@ -281,3 +289,67 @@ def test_user_run_resume_without_the_trust_says_what_to_pass(runs):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "mypkg.models.build" in proc.stderr and "load.trusted_packages=[mypkg]" in proc.stderr
     assert "bare state_dict" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- (d) --config-name, hydra.searchpath
+MYEXP = """defaults:
+  - config  # the runner's own primary config, then the user's choices over it
+  - override model: mine
+  - override data: mine
+  - _self_
+train:
+  epochs: 1
+"""
+
+
+def _searchpath_user(base: Path) -> Path:
+    """``base/conf/myexp.yaml`` (a primary config of the user's, by --config-dir) naming groups that live only in
+    ``base/shared`` (reached through hydra.searchpath): the model, the data and an SGD optimizer."""
+    (base / "conf").mkdir()
+    (base / "conf" / "myexp.yaml").write_text(MYEXP)
+    for group, text in (("model", "_target_: mypkg.models.build\nwidth: 8\n"),
+                        ("data", "train: {_target_: mypkg.data.build, split: train}\n"
+                                 "val: {_target_: mypkg.data.build, split: val, n: 48}\nbatch_size: 16\n"),
+                        ("optimizer", "_target_: torch.optim.SGD\nlr: 0.05\nmomentum: 0.9\n")):
+        (base / "shared" / group).mkdir(parents=True)
+        (base / "shared" / group / "mine.yaml").write_text(text)
+    return base
+
+
+def _optimizer_of(run_dir: Path) -> dict:
+    from nn_handler.checkpointing import read_info
+
+    return read_info(run_dir / "checkpoints" / "last.pth")["optimizer"]
+
+
+def test_searchpath_run_commands_carry_the_config_name_the_searchpath_and_the_optimizer_choice(runs):
+    case = runs["searchpath"]
+    ok(case.proc)
+    assert sorted(case.commands) == ["fine-tune", "infer", "resume", "sweep"]
+    assert not (case.cwd / "conf" / "model").exists()  # model=mine, data=mine and optimizer=mine: only via the searchpath
+    for name, command in case.commands.items():
+        assert command.startswith("python -m runner --config-dir conf --config-name myexp "), command
+        assert "'hydra.searchpath=[file://shared]'" in command
+        assert ("optimizer=mine" in command) == (name in ("fine-tune", "sweep"))  # the groups a fine-tune builds
+    assert _optimizer_of(case.run_dir)["_target_"] == "torch.optim.sgd.SGD"
+
+
+def test_searchpath_run_printed_resume_continues_the_epochs(runs):
+    proc = _check_training(runs["searchpath"], "resume", "resume", 5)
+    assert _optimizer_of(_run_dirs(proc)[0])["lr"] == 0.05  # the restored optimizer, untouched
+
+
+def test_searchpath_run_printed_finetune_uses_the_runs_optimizer_at_the_lower_rate(runs):
+    proc = _check_training(runs["searchpath"], "fine-tune", "finetune", 1)  # myexp.yaml's train.epochs
+    optimizer = _optimizer_of(_run_dirs(proc)[0])
+    assert optimizer["_target_"] == "torch.optim.sgd.SGD" and optimizer["momentum"] == 0.9 and optimizer["lr"] == 1e-4
+
+
+def test_searchpath_run_printed_infer_writes_predictions(runs):
+    out = _printed_line(ok(runs["searchpath"].result("infer")), "predictions")
+    assert torch.load(out, weights_only=True).shape == (48, 3)
+
+
+def test_searchpath_run_printed_sweep_runs_both_jobs(runs):
+    proc = _check_training(runs["searchpath"], "sweep", "finetune", 1, jobs=2)
+    assert sorted(_optimizer_of(d)["lr"] for d in _run_dirs(proc)) == [1e-4, 1e-3]

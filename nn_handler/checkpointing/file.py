@@ -25,6 +25,7 @@ import torch
 from .. import distributed
 from . import format as _format
 from . import io as _io
+from . import sharded as _sharded
 from .copyload import read_copied
 from .errors import CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
 
@@ -55,6 +56,8 @@ class CheckpointFile:
         self._contents: Any = None
         self._contents_error: Optional[BaseException] = None
         self._header: Optional[Dict[str, Any]] = None
+        self.sharded = False  # a sharded checkpoint directory (``path``); its shard files are verified with it
+        self.sharded_record: Optional[Dict[str, Any]] = None  # its checked record, once the shards are verified
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -67,9 +70,11 @@ class CheckpointFile:
         path_str = os.fspath(path)
         what = f"reading checkpoint {path_str}"
         fd, source, trailer, identity, error, safetensors = None, path_str, None, None, None, False
+        is_dir = _sharded.is_sharded(path_str)  # a sharded checkpoint: its header file is what is opened
+        read_path = _sharded.header_path(path_str) if is_dir else path_str
         try:
-            _io.check_readable_file(path)
-            fd = os.open(path, os.O_RDONLY)
+            _io.check_readable_file(read_path)
+            fd = os.open(read_path, os.O_RDONLY)
             source = _io.pinned_name(fd, path_str)
             # A safetensors file: 8 bytes of header length, then "{" (a torch zip starts "PK", a legacy file "\x80").
             head = os.pread(fd, 9, 0)
@@ -98,6 +103,7 @@ class CheckpointFile:
             raise
         ckpt = cls(path_str, fd, source, trailer, info, sharers, place)
         ckpt.safetensors = safetensors
+        ckpt.sharded = is_dir
         return ckpt
 
     def close(self) -> None:
@@ -173,6 +179,7 @@ class CheckpointFile:
             error = named_after(exc, self.path)
         distributed.agree(error, self._info, what, self.path)
         self._check(mine, None)
+        self._verify_shards(None)
         return self
 
     def state(self, device: Any = "cpu", mmap: bool = False) -> Any:
@@ -201,7 +208,23 @@ class CheckpointFile:
         distributed.agree(error, self._info, what, self.path)
         if hash_now or not self.verified:
             self._check(mine if hash_now else None, obj)
+        self._verify_shards(obj)
         return obj
+
+    def _verify_shards(self, obj: Any) -> None:
+        """A sharded checkpoint's shard files, hashed against the (verified) header's record, once."""
+        if not self.sharded or self.sharded_record is not None:
+            return
+        record, error = None, None
+        try:
+            state = obj if obj is not None else self.contents()
+            record = _sharded.checked_record(state.get(_format.SHARDED) if isinstance(state, dict) else None,
+                                             self.path)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error, self._info, f"reading checkpoint {self.path}", self.path)
+        _sharded.verify(self.path, record, self._info, self._sharers, self._place)
+        self.sharded_record = record
 
     def _my_chunks(self) -> List[int]:
         t = self.trailer
@@ -318,6 +341,13 @@ def _info_of(obj: Any, path_str: str) -> Dict[str, Any]:
                  for i, entry in enumerate(F.sequence(state.get(F.CALLBACKS), F.CALLBACKS, path_str))]
     ema = F.mapping(state.get(F.EMA), F.EMA, path_str)
     weights = F.mapping(state.get(F.MODEL_STATE), F.MODEL_STATE, path_str, optional=False)
+    parameters = sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor))
+    shards = None
+    if state.get(F.SHARDED) is not None:
+        record = _sharded.checked_record(state[F.SHARDED], path_str)
+        parameters = _sharded.elements(record, F.MODEL_STATE)
+        shards = {"files": len(record["files"]), "parts": list(record["parts"]),
+                  "bytes": sum(size for size, _ in record["files"].values())}
     return {
         "kind": "handler",
         "format_version": state[F.VERSION],
@@ -336,7 +366,10 @@ def _info_of(obj: Any, path_str: str) -> Dict[str, Any]:
         "ema": F.number(ema.get("decay"), f"{F.EMA}.decay", path_str),
         "unrecorded": F.mapping(state.get(F.UNRECORDED), F.UNRECORDED, path_str),
         "metadata": F.mapping(state.get(F.METADATA), F.METADATA, path_str),
-        "parameters": sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)),
+        "parameters": parameters,
+        "sharded": shards,
+        "strategy": F.text(F.mapping(state.get(F.STRATEGY), F.STRATEGY, path_str).get("strategy"),
+                           f"{F.STRATEGY}.strategy", path_str),
     }
 
 

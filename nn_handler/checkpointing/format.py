@@ -32,6 +32,9 @@ DATA = "data"  # {"train": {"dataset": spec or None, "options": {...}}, "val": .
 RNG = "rng"
 UNRECORDED = "unrecorded"  # component -> why it could not be recorded
 METADATA = "metadata"  # plain data about the run: run id, lineage, the resolved run config (h.metadata)
+SHARDED = "sharded"  # a sharded checkpoint's header only: its shard files and DCP's index (checkpointing.sharded)
+SHARDED_VERSION = 2  # a sharded checkpoint's header: older releases, which cannot read its shards, refuse it
+STRATEGY = "strategy"  # how the model was distributed when saved: {"strategy": "ddp"} or FSDP's policy
 
 # ---------------------------------------------------------------------------- migrations
 # MIGRATIONS[v] upgrades the whole state of a file of format version v to version v + 1.
@@ -88,6 +91,8 @@ def check_and_migrate(obj: Any, path: str) -> Dict[str, Any]:
     version = obj[VERSION]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise IncompatibleCheckpointError(path, f"invalid format version {short(version)}")
+    if version == SHARDED_VERSION and SHARDED in obj:
+        return obj  # (a sharded checkpoint's header: the current layout, its shards read by checkpointing.sharded)
     if version > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
             path, f"format version {version} was written by a newer nn_handler (this one reads up to "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Union, runtime_checkable
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
@@ -39,6 +40,33 @@ class PerRank(Protocol):
     def rank_state(self) -> Any: ...
 
     def gathered_state_dict(self, states: List[Any]) -> Any: ...
+
+
+@runtime_checkable
+class ShardedPart(Protocol):
+    """A part with tensors that a sharded checkpoint keeps as DCP shards (the model's weights, the optimizer's
+    state, the EMA): ``sharded_state()`` is ``(plain state without those tensors, {key: tensor})``; a load gives
+    ``load_state_dict`` the plain state, then fills ``sharded_targets()`` (tensors laid out as this process
+    holds them: DCP reshards into them) and hands them to ``load_sharded`` with the plain state again."""
+
+    def sharded_state(self) -> Tuple[Any, Dict[str, torch.Tensor]]: ...
+
+    def sharded_targets(self) -> Dict[str, torch.Tensor]: ...
+
+    def load_sharded(self, tensors: Dict[str, torch.Tensor], plain: Any) -> None: ...
+
+
+class _Fixed:
+    """A part's plain state taken once (what a sharded save keeps in the header), saying what it could not record."""
+
+    def __init__(self, state: Any, part: Any):
+        self._state, self._part = state, part
+
+    def state_dict(self) -> Any:
+        return self._state
+
+    def unrecorded(self) -> Dict[str, str]:
+        return self._part.unrecorded() if callable(getattr(self._part, "unrecorded", None)) else {}
 
 
 def rank_states(parts: Mapping[str, Any]) -> Dict[str, Any]:
@@ -74,27 +102,137 @@ def assemble(parts: Mapping[str, Any], header: Mapping[str, Any],
     return state
 
 
-def save(parts: Mapping[str, Any], header: Mapping[str, Any], path: PathLike, info: "distributed.DistInfo",
-         warn: Callable[[str], None]) -> None:
-    """Write ``header`` and ``parts`` to ``path`` atomically, with a checksum.
+def staged(tree: Any) -> Any:
+    """A copy of ``tree`` whose tensors are this process's own CPU copies (a DTensor keeps its layout):
+    what a background save writes while training changes the live tensors."""
+    if isinstance(tree, torch.Tensor):
+        t = tree.detach()
+        if hasattr(t, "device_mesh"):
+            return t.clone()
+        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+    if isinstance(tree, dict):
+        return {k: staged(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [staged(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(staged(v) for v in tree)
+    return tree
 
-    Under DDP every rank calls it: the PerRank parts are gathered, rank 0 writes, and the others
-    wait until the file is complete; an error on rank 0 is raised on every rank.
-    """
+
+def snapshot(parts: Mapping[str, Any], header: Mapping[str, Any], info: "distributed.DistInfo", *,
+             sharded: bool = False, stage: bool = False) -> Any:
+    """What a save writes, taken now on every rank (collective: the PerRank parts are gathered, and a sharded
+    model's full state too): ``sharded.Snapshot(state, tensors, parts)``. ``sharded`` leaves the tensors of
+    every ShardedPart out of the state, as shards; ``stage`` copies every tensor, so that training may go on."""
+    from .sharded import SEP, Snapshot
     per_rank = distributed.all_gather_object(rank_states(parts), info)
+    tensors: Dict[str, torch.Tensor] = {}
+    names: List[str] = []
+    if sharded:
+        plain: Dict[str, Any] = {}
+        for name, part in parts.items():
+            if isinstance(part, ShardedPart):
+                state, own = part.sharded_state()
+                plain[name] = _Fixed(state, part)
+                if own:
+                    names.append(name)
+                    tensors.update({f"{name}{SEP}{key}": t for key, t in own.items()})
+            else:
+                plain[name] = part
+        parts = plain
+    state = assemble(parts, header, per_rank)  # on every rank: a sharded model's full state is a collective
+    if sharded:
+        state[F.VERSION] = F.SHARDED_VERSION
+    if stage:
+        state = staged(state) if info.is_main else {}
+        tensors = staged(tensors)
+    return Snapshot(state if info.is_main else {}, tensors, names)
+
+
+def _checked(state: Dict[str, Any], path: PathLike, warn: Callable[[str], None]) -> None:
+    for component, reason in state[F.UNRECORDED].items():
+        warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); after loading, set it again")
+    problem = plain_problem(state, "checkpoint")
+    if problem:
+        raise TypeError(f"cannot write {os.fspath(path)}: {problem}")
+
+
+def write(snap: Any, path: PathLike, info: "distributed.DistInfo", warn: Callable[[str], None],
+          group: Any = None, sharded: bool = False, agree: bool = True) -> Optional[BaseException]:
+    """Write a ``snapshot`` to ``path``: one file by rank 0, or a sharded directory by every rank of ``group``.
+    With ``agree`` every rank raises if any failed; without, this rank's own error is returned (a background
+    save: the ranks agree later, on the training thread)."""
+    from . import sharded as shards
     error: Optional[BaseException] = None
-    if info.is_main:
-        try:
-            state = assemble(parts, header, per_rank)
-            for component, reason in state[F.UNRECORDED].items():
-                name = (header.get(F.MODEL) or {}).get("name") if component == "model" else None
-                then = (f"to load it, define {name} there too and pass NNHandler.load(path, model_class={name})"
-                        if name else "after loading, set it again")
-                warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); {then}")
-            problem = plain_problem(state, "checkpoint")
-            if problem:
-                raise TypeError(f"cannot write {os.fspath(path)}: {problem}")
-            atomic_save(state, path)
-        except Exception as exc:
-            error = exc
-    distributed.agree(error, info, f"saving {os.fspath(path)}", os.fspath(path))
+    try:
+        if info.is_main:
+            _checked(snap.state, path, warn)
+        if sharded:
+            shards.write(snap, path, info, group)
+        elif info.is_main:
+            atomic_save(snap.state, path)
+    except Exception as exc:
+        error = exc
+    if agree:
+        distributed.agree(error, info, f"saving {os.fspath(path)}", os.fspath(path))
+        return None
+    return error
+
+
+def save(parts: Mapping[str, Any], header: Mapping[str, Any], path: PathLike, info: "distributed.DistInfo",
+         warn: Callable[[str], None], sharded: bool = False) -> None:
+    """Write ``header`` and ``parts`` to ``path`` atomically, with a checksum (``sharded``: as a DCP directory).
+
+    Under DDP every rank calls it: the PerRank parts are gathered, rank 0 writes (every rank its shards), and
+    the others wait until the checkpoint is complete; an error on any rank is raised on every rank.
+    """
+    write(snapshot(parts, header, info, sharded=sharded), path, info, warn, sharded=sharded)
+
+
+class BackgroundSave:
+    """At most one save in flight, written by a thread while training goes on.
+
+    ``submit`` waits for the save before it (raising its error), then starts the write of a staged
+    snapshot; ``wait`` joins it, and every rank raises if the write failed on any (call it on every
+    rank at the same point: the next save, the end of training, a pre-emption). A sharded write
+    synchronises the ranks over a process group of its own (gloo), never the training's.
+    """
+
+    def __init__(self, info: "distributed.DistInfo"):
+        self._info = info
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._path = ""
+        self._group: Any = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
+
+    def group(self) -> Any:
+        """The checkpoint thread's own group (made once, collectively, on the training thread)."""
+        import torch.distributed as dist
+        if self._group is None and self._info.enabled and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def submit(self, write_fn: Callable[[], Optional[BaseException]], path: PathLike) -> None:
+        self.wait()
+        self._path = os.fspath(path)
+
+        def run() -> None:
+            try:
+                self._error = write_fn()
+            except BaseException as exc:  # noqa: BLE001 (told on the training thread)
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"nn_handler-save {os.path.basename(self._path)}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        thread.join()
+        error, self._error = self._error, None
+        distributed.agree(error, self._info, f"saving {self._path} in the background", self._path)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -21,6 +22,8 @@ from .errors import CheckpointError
 from .file import CheckpointFile
 from .format import is_count, short
 from .io import read_trailer
+from .sharded import HEADER, is_sharded, sweep_partials
+from .sharded import SUFFIX as sharded_suffix
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handler import NNHandler
@@ -28,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("nn_handler")
 PathLike = Union[str, os.PathLike]
 LAST = "last.pth"
-_NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)(?:-(\w+))?\.pth$")
+_NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)(?:-(\w+))?\.(?:pth|dcp)$")
 _SUFFIXES = (".pth", ".pt", ".ckpt")
 
 
@@ -44,8 +47,8 @@ class SkippedCheckpoints(UserWarning):
         self.skipped = list(skipped)
 
 
-def checkpoint_name(epoch: int, global_step: int, tag: str = "") -> str:
-    return f"ckpt-e{epoch:04d}-s{global_step:09d}{'-' + tag if tag else ''}.pth"
+def checkpoint_name(epoch: int, global_step: int, tag: str = "", sharded: bool = False) -> str:
+    return f"ckpt-e{epoch:04d}-s{global_step:09d}{'-' + tag if tag else ''}{sharded_suffix if sharded else '.pth'}"
 
 
 def _progress(ckpt: CheckpointFile) -> Tuple[Optional[Tuple[int, int, int]], str]:
@@ -76,9 +79,20 @@ def _progress(ckpt: CheckpointFile) -> Tuple[Optional[Tuple[int, int, int]], str
 
 
 def _candidates(directory: Path) -> Iterable[Path]:
-    """Checkpoint-like files under ``directory`` (recursively; hidden files, temporaries and links left out)."""
+    """Checkpoint-like files and sharded checkpoint directories under ``directory`` (recursively; hidden files
+    and directories, temporaries, partial sharded saves and links left out)."""
     for root, dirs, files in os.walk(directory):
         dirs.sort()
+        inside = []
+        for name in dirs:
+            path = Path(root) / name
+            if name.startswith(".") or path.is_symlink():
+                continue
+            if is_sharded(path):
+                yield path  # a committed sharded checkpoint: not searched inside
+            else:
+                inside.append(name)
+        dirs[:] = inside
         for name in sorted(files):
             path = Path(root) / name
             try:
@@ -222,7 +236,7 @@ class CheckpointStore:
     """Saves a handler into ``directory`` by progress, keeps ``last.pth`` current, prunes old files."""
 
     def __init__(self, directory: PathLike, keep_last: Optional[int] = None, keep_best: Optional[int] = None,
-                 monitor: Optional[str] = None, mode: str = "min"):
+                 monitor: Optional[str] = None, mode: str = "min", sharded: Optional[bool] = None):
         if keep_last is not None and int(keep_last) < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last!r}")
         if keep_best and not monitor:
@@ -234,6 +248,7 @@ class CheckpointStore:
         self.keep_best = None if not keep_best else int(keep_best)
         self.monitor = monitor
         self.mode = mode
+        self.sharded = sharded  # DCP directories; None: sharded when the model is (FSDP)
         self._not_pruned: set = set()  # files of the store's pattern that it did not write (warned once each)
         self._monitor_checked = False
 
@@ -250,9 +265,11 @@ class CheckpointStore:
             raise ValueError(f"monitor {self.monitor!r} is not a value this run records{hint}; "
                              f"choose one of {', '.join(names)}")
 
-    def save(self, h: "NNHandler", tag: str = "") -> Path:
-        """Save on every rank (rank 0 writes); then rank 0 updates ``last.pth`` and prunes."""
-        path = self.directory / checkpoint_name(h.epoch, h.global_step, tag)
+    def save(self, h: "NNHandler", tag: str = "", asynchronous: bool = False) -> Path:
+        """Save on every rank (rank 0 writes); then rank 0 updates ``last.pth`` and prunes (``asynchronous``:
+        once the background write is complete)."""
+        sharded = self.sharded if self.sharded is not None else h.strategy == "fsdp"
+        path = self.directory / checkpoint_name(h.epoch, h.global_step, tag, sharded=sharded)
         if not self._monitor_checked:  # not checked before training (the caller's job): never fail a save for it
             try:
                 self.check_monitor(h)
@@ -260,10 +277,13 @@ class CheckpointStore:
                 logger.warning("%s; the checkpoints record no value for it, so keep_best ranks none", exc)
         if self.monitor:
             h.metadata["monitor"] = {"name": self.monitor, "value": _monitored(h, self.monitor)}
-        h.save(path)
-        if h.rank == 0:
+        protect = _protected(h)
+
+        def after() -> None:
             _link_last(self.directory, path)
-            self.prune(protect=_protected(h))
+            self.prune(protect=protect)
+
+        h.save(path, sharded=sharded, asynchronous=asynchronous, after=after)
         return path
 
     def prune(self, protect: Iterable[PathLike] = ()) -> List[Path]:
@@ -285,11 +305,15 @@ class CheckpointStore:
             keep.update(p for _, p in scored[: self.keep_best])
         protected = {Path(p).resolve() for p in protect if p}
         deleted = []
+        sweep_partials(self.directory)  # killed sharded saves (no save is in flight while pruning)
         for *_, path in files:
             if path in keep or path.resolve() in protected:
                 continue
             try:
-                path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 deleted.append(path)
             except OSError as exc:
                 logger.warning("could not prune %s: %s", path, exc)
@@ -300,7 +324,10 @@ class CheckpointStore:
         carrying this project's checksum trailer. Anything else is never pruned (one warning each)."""
         problem = None
         try:
-            if not path.is_file():
+            if path.is_dir():
+                if not is_sharded(path) or read_trailer(path / HEADER) is None:
+                    problem = "a directory that is not a complete sharded checkpoint"
+            elif not path.is_file():
                 problem = "not a regular file"
             elif read_trailer(path) is None:
                 problem = "it carries no nn_handler checksum trailer"

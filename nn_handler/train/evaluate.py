@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 import torch
 
 from ..enums import ModelType
+from ..fsdp import is_sharded
 from ..losses import denoising_score_matching
 from .progress import Averages
 
@@ -107,8 +108,13 @@ def evaluate(ctx: "LoopContext", loader: Any,
     module.eval()
     sums = Averages(device, list(metrics))
     non_blocking = device.type == "cuda"
+    # A sharded (FSDP) model's forward is a collective: every rank runs as many as the rank with the most
+    # batches (an evaluation loader need not give each the same number), the extra ones on a repeated batch
+    # whose results are dropped.
+    extra = equal_forwards(len(loader), ctx.dist) if is_sharded(module) and ctx.dist.enabled else None
     try:
         with autocast_context(device, ctx.settings.use_amp):
+            batch = None
             for index, batch in enumerate(loader):
                 batch = to_device(batch, device, non_blocking)
                 loss, out, y, n = forward(batch)
@@ -117,6 +123,18 @@ def evaluate(ctx: "LoopContext", loader: Any,
                     sums.metrics[name] += float(fn(out, y)) * n
                 if batch_end is not None:
                     batch_end(index, {"loss": loss.detach(), "batch_size": n})
+            for _ in range(extra or 0):
+                if batch is None:  # this rank had no batch at all: one from the dataset, dropped too
+                    batch = to_device(next(iter(type(loader)(loader.dataset, batch_size=1))), device)
+                forward(batch)
     finally:
         module.train(was_training)
     return sums.reduce(ctx.dist)
+
+
+def equal_forwards(mine: int, dist_info: Any) -> int:
+    """How many forwards this rank must add so that every rank runs as many as the one with the most."""
+    import torch.distributed as dist
+    most = torch.tensor([mine], dtype=torch.int64)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - mine

@@ -46,7 +46,8 @@ TRAINING_TASKS = ("train", "resume", "finetune")
 READ_ONLY_TASKS = ("inspect", "diff")
 
 __all__ = ["TASKS", "TRAINING_TASKS", "READ_ONLY_TASKS", "run", "continue_run", "train_task", "resume_task",
-           "finetune_task", "infer_task", "sample_task", "inspect_task", "diff_task", "export_task"]
+           "finetune_task", "infer_task", "sample_task", "inspect_task", "diff_task", "export_task", "record_failure",
+           "record_launch_failure"]
 
 
 log = logging.getLogger("runner")
@@ -77,6 +78,12 @@ def record_failure(cfg: DictConfig, ctx: RunContext, exc: BaseException, keep_fa
     """The failed run's metrics.json (rank 0) and its error in the log file (the console hears it
     from Hydra, once: ``file_only``). ``keep_failed``: leave a failed record already there (a
     self-launch's rank 0 wrote it). Never raises: the original error is what the user must see."""
+    if getattr(exc, "runner_recorded", False):  # told and recorded already (a self-launch's rank 0, tasks.run)
+        return
+    try:
+        exc.runner_recorded = True  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 (an exception type without attributes)
+        pass
     error = one_line(exc)
     # RunnerError is the user's mistake, told in one line; anything else keeps its traceback in the file.
     log.error("%s failed: %s", cfg.get("task"), error, exc_info=not isinstance(exc, RunnerError),
@@ -91,6 +98,20 @@ def record_failure(cfg: DictConfig, ctx: RunContext, exc: BaseException, keep_fa
         reporting.write_metrics(ctx.output_dir, record)
     except Exception as write_error:  # noqa: BLE001 (a full disk, a vanished directory)
         log.warning("could not write the failed run's %s: %s", reporting.METRICS_FILE, write_error)
+
+
+def record_launch_failure(cfg: DictConfig, exc: BaseException) -> None:
+    """A failure outside ``run`` (before a task starts: a bad ``launcher.*`` setting, the process group, the
+    logging set-up; or after it: an ``objective`` its record lacks), recorded as a task's failure is, once,
+    in the job's directory. Never raises."""
+    if getattr(exc, "runner_recorded", False):
+        return
+    try:
+        ctx = RunContext.from_hydra()
+    except Exception as ctx_error:  # noqa: BLE001 (no Hydra job here: nothing to write into)
+        log.debug("no record of the failure: %s", ctx_error)
+        return
+    record_failure(cfg, ctx, exc)
 
 
 def _failed_record_exists(output_dir: str) -> bool:

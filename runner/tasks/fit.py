@@ -27,6 +27,9 @@ log = logging.getLogger("runner")
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 LOGGERS = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+# The groups a fine-tune builds from its config rather than from the checkpoint (task=finetune skips the
+# saved optimizer and scheduler): a printed fine-tune command repeats this run's own choices of them.
+FINETUNE_BUILDS = ("optimizer", "scheduler")
 
 
 def _store(cfg: DictConfig, directory: str) -> CheckpointStore:
@@ -91,6 +94,20 @@ def _loggers(h: NNHandler, cfg: DictConfig, ctx: RunContext) -> None:
             raise RunnerError(f"logger={name}: {exc}") from None
 
 
+def _check_objective(h: NNHandler, cfg: DictConfig) -> None:
+    """``objective=<metric>`` names a value this run's metrics.json will hold (``val_*``: with validation
+    data), checked before any work: a sweep of misspelled trials would otherwise train them all for nothing."""
+    name = cfg.get("objective")
+    if name is None:
+        return
+    names = [k for k in reporting.objective_names(reporting.training_metrics(h, str(cfg.task), None, None))
+             if h.val_loader is not None or not k.startswith("val_")]
+    if name not in names:
+        hint = " (val_* values need validation data)" if str(name).startswith("val_") and h.val_loader is None else ""
+        raise RunnerError(f"objective={name} is not a metric of task={cfg.task}{hint}: choose one of "
+                          f"{', '.join(names)}")
+
+
 def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read: Optional[str],
                  run_config: Optional[Dict[str, Any]] = None, epochs: Optional[int] = None,
                  seed: Any = "config") -> Dict[str, Any]:
@@ -110,6 +127,7 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
         store.check_monitor(h)
     except ValueError as exc:
         raise RunnerError(f"save.monitor={cfg.save.monitor}: {exc}") from None
+    _check_objective(h, cfg)
     every_n_steps, every_n_epochs = _every(cfg)
     last = os.path.join(ckpt_dir, LAST)
     # Without periodic saves (and nothing of the store's here yet) the final checkpoint is a plain
@@ -168,6 +186,7 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
         summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                             if isinstance(v, float) and k.startswith(("train_", "val_")))
         log.info("done after epoch %d: %s", h.epoch, summary)
-        print(reporting.next_commands(last, ctx.launch_dir, trust=trust_to_carry(cfg), generative=is_generative(h)),
-              flush=True)
+        print(reporting.next_commands(last, ctx.launch_dir, trust=trust_to_carry(cfg), generative=is_generative(h),
+                                      config_flags=ctx.config_flags, config_overrides=ctx.config_overrides,
+                                      finetune_choices=ctx.choices(*FINETUNE_BUILDS)), flush=True)
     return record
