@@ -151,7 +151,10 @@ def snapshot(parts: Mapping[str, Any], header: Mapping[str, Any], info: "distrib
 
 def _checked(state: Dict[str, Any], path: PathLike, warn: Callable[[str], None]) -> None:
     for component, reason in state[F.UNRECORDED].items():
-        warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); after loading, set it again")
+        name = (state.get(F.MODEL) or {}).get("name") if component == "model" else None
+        then = (f"to load it, define {name} there too and pass NNHandler.load(path, model_class={name})"
+                if name else "after loading, set it again")
+        warn(f"{component} cannot be recorded in {os.fspath(path)} ({reason}); {then}")
     problem = plain_problem(state, "checkpoint")
     if problem:
         raise TypeError(f"cannot write {os.fspath(path)}: {problem}")

@@ -415,14 +415,13 @@ def load(path: str, record: Dict[str, Any], parts: Mapping[str, Any], leave_out:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from .save import ShardedPart
     metadata = decode_index(record, path)
     available = set(metadata.state_dict_metadata)
     wanted: Dict[str, torch.Tensor] = {}
     chosen: List[str] = []
     for name in record["parts"]:
         part = parts.get(name)
-        if part is None or name in leave_out or not isinstance(part, ShardedPart):
+        if part is None or name in leave_out or not callable(getattr(part, "sharded_targets", None)):  # (ShardedPart)
             continue
         targets = part.sharded_targets()
         if not targets:
