@@ -353,3 +353,24 @@ def test_searchpath_run_printed_infer_writes_predictions(runs):
 def test_searchpath_run_printed_sweep_runs_both_jobs(runs):
     proc = _check_training(runs["searchpath"], "sweep", "finetune", 1, jobs=2)
     assert sorted(_optimizer_of(d)["lr"] for d in _run_dirs(proc)) == [1e-4, 1e-3]
+
+
+# ---------------------------------------------------------------------------- (e) --config-path
+def test_a_run_from_its_own_config_path_prints_commands_that_find_it(tmp_path):
+    """``--config-path DIR --config-name full``: a whole config directory of the user's (here a copy of the
+    runner's, its primary config renamed) in place of the runner's; the printed infer finds it, as printed."""
+    import shutil
+
+    import runner
+
+    conf = tmp_path / "myconf"
+    shutil.copytree(Path(runner.__file__).parent / "conf", conf)
+    (conf / "config.yaml").rename(conf / "full.yaml")  # only in this directory: no command finds it without the flag
+    case = Case(tmp_path, ["--config-path", str(conf), "--config-name", "full", "data=synthetic", "model.hidden=[8]",
+                           "train.epochs=1"], _env())
+    case.train()
+    ok(case.proc)
+    assert case.commands["infer"].startswith(f"python -m runner --config-path {conf} --config-name full task=infer ")
+    case.step(["infer"])
+    out = _printed_line(ok(case.result("infer")), "predictions")
+    assert torch.load(out, weights_only=True).shape == (128, 10)
