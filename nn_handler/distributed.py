@@ -1,12 +1,15 @@
 """Where this process stands in a distributed job: detection, process group, device, barriers."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
+import gc
 import math
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
@@ -53,6 +56,7 @@ def setup(use_distributed: Optional[bool]) -> DistInfo:
     if use_distributed is False:
         return DistInfo(enabled=False)
     if dist.is_available() and dist.is_initialized():
+        _drain_at_exit()  # a group the user formed: the same clean exit
         return DistInfo(enabled=dist.get_world_size() > 1 or bool(use_distributed),
                         rank=dist.get_rank(),
                         local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0,
@@ -141,6 +145,28 @@ class _FormationWatchdog:
         self._timer.join()
 
 
+def attempt_store(info: DistInfo) -> Optional[Any]:
+    """Under torchrun on one node with restarts, the rendezvous store as this attempt's alone.
+
+    torchrun's agent keeps ONE TCPStore for every attempt (``TORCHELASTIC_USE_AGENT_STORE``) and
+    the ``env://`` rendezvous uses it without a per-attempt prefix, so after a restart the keys the
+    previous attempt's ranks wrote (gloo's addresses of each rank) are still there: a restarted rank
+    can read a dead rank's address and fail with "Connection refused" (or wait), again on every
+    restart (issue 16). Keyed by ``TORCHELASTIC_RESTART_COUNT``, which every rank of the job shares
+    when one agent starts them all (``LOCAL_WORLD_SIZE == WORLD_SIZE``); on several nodes the agents'
+    counts may differ, so there the plain rendezvous is kept (launch torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: a fresh store per attempt). None: the plain ``env://``.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if _env_int("LOCAL_WORLD_SIZE") != info.world_size:
+        return None
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT") or 0
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                           is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    return dist.PrefixStore(f"nn_handler/attempt_{attempt}/default_pg", client)
+
+
 def init_process_group(backend: str, info: DistInfo) -> None:
     """Join the group the environment describes, bounded in time (``formation_timeout``).
 
@@ -152,8 +178,14 @@ def init_process_group(backend: str, info: DistInfo) -> None:
         torch.cuda.set_device(info.local_rank)
     bound = formation_timeout()
     watchdog = _FormationWatchdog(bound, info) if bound is not None else None
+    _drain_at_exit()
     try:
-        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        store = attempt_store(info)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                    timeout=COLLECTIVE_TIMEOUT)
         on_gpu = backend == "nccl"  # nccl alone; "cpu:gloo,cuda:nccl" probes its CPU (gloo) part
         probe = torch.zeros(1, device=torch.device("cuda", info.local_rank) if on_gpu else "cpu")
         dist.all_reduce(probe)
@@ -163,11 +195,94 @@ def init_process_group(backend: str, info: DistInfo) -> None:
 
 
 def teardown() -> None:
-    """Close the process group (and the control group made for it); a no-op when none is open."""
+    """Close the process group (and the control group made for it); a no-op when none is open.
+
+    Then wait, without the GIL, until torch's collective threads have finished with their last
+    work (``drain_collective_threads``).
+    """
     global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        drain_collective_threads()
     _CONTROL_GROUP = None
+
+
+# ---------------------------------------------------------------------------- a clean exit
+# Why (issue 16; seen as "terminate called without an active exception", SIGABRT, on a rank that had
+# finished): a gloo worker thread (c10d::ProcessGroupGloo::runLoop) destroys each finished work after
+# the caller's wait() has returned; the work holds the collective's tensors, and dropping a tensor that
+# has a Python object takes the GIL. If that thread asks for the GIL only once the interpreter is
+# finalizing, Python 3.11 ends it with pthread_exit, whose forced unwind crosses the noexcept
+# ~AsyncWork: std::terminate. The group's threads are joined only when the last reference to the
+# ProcessGroupGloo goes, and torch keeps references after destroy_process_group once a DDP module was
+# built, so they live until exit. The fix: before finalization (teardown, and an atexit hook for
+# scripts that call dist.destroy_process_group themselves or nothing at all), release the GIL until
+# every other thread of the process is idle, so a pending cleanup runs while it still can.
+DRAIN_MIN_S = 0.005  # a GIL waiter is woken when the GIL is released; give it this long at least
+DRAIN_MAX_S = 1.0  # never hold an exit longer than this
+_DRAIN_REGISTERED = False
+
+
+def _other_threads_busy() -> Optional[bool]:
+    """Whether a thread of this process other than the caller is running or runnable (Linux /proc);
+    None where that cannot be read."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread has just ended
+            continue
+        state = stat[stat.rfind(b")") + 2:][:1]
+        if state in (b"R", b"D"):
+            return True
+    return False
+
+
+def drain_collective_threads(max_s: float = DRAIN_MAX_S) -> float:
+    """Sleep (the GIL released) until every other thread is idle twice in a row, at least
+    ``DRAIN_MIN_S`` and at most ``max_s`` seconds (a fixed 0.1 s where /proc cannot be read).
+    Returns the seconds waited."""
+    start = time.monotonic()
+    time.sleep(DRAIN_MIN_S)
+    idle_polls = 0
+    while time.monotonic() - start < max_s:
+        busy = _other_threads_busy()
+        if busy is None:
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
+            break
+        idle_polls = 0 if busy else idle_polls + 1
+        if idle_polls >= 2:
+            break
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def _at_exit() -> None:
+    global _CONTROL_GROUP
+    try:
+        # Closing a gloo group is local; an NCCL group is left to the user (torch warns at exit).
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+            _CONTROL_GROUP = None
+        gc.collect()  # handlers and DDP modules left in cycles: groups nothing else holds are joined now
+        drain_collective_threads()
+    except Exception:  # noqa: BLE001 (never fail an exit over this)
+        pass
+
+
+def _drain_at_exit() -> None:
+    """Register ``_at_exit`` once, when this process first joins (or finds) a process group."""
+    global _DRAIN_REGISTERED
+    if not _DRAIN_REGISTERED:
+        atexit.register(_at_exit)
+        _DRAIN_REGISTERED = True
 
 
 def first_slurm_host(nodelist: str) -> str:

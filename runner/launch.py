@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nn_handler.distributed import env_topology, init_process_group, teardown
+from nn_handler.train.preemption import Preempted, submitit_signal
 
 from . import resolvers, tasks
 from .context import RunContext
@@ -156,9 +158,40 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     joined = join_submitit_job()
     try:
         return _run_job(cfg)
+    except Preempted as exc:
+        requeue_submitit_job(exc)
+        raise
     finally:
         if joined:
             leave()
+
+
+def requeue_submitit_job(exc: Preempted) -> None:
+    """A submitit job stopped by submitit's own signal (USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says
+    otherwise): the training loop caught it, every rank saved the pre-emption checkpoint and rank 0
+    wrote metrics.json ("preempted"); now submitit's handler, which the loop put back, does what it
+    would have done: on rank 0 it resubmits the same Hydra job and requeues it (submitit_local: exit
+    144; SLURM: ``scontrol requeue``, then exit 255), elsewhere it returns (the rank exits 128 + the
+    signal). The requeued job runs in the same directory: with ``auto_resume=true`` it goes on from
+    the pre-emption checkpoint. Other signals (SIGTERM from scancel, SIGUSR1, SIGINT) only stop."""
+    sig = submitit_signal()
+    if sig is None or exc.signum != sig:
+        return
+    handler = signal.getsignal(sig)
+    if not callable(handler) or handler is signal.default_int_handler:
+        log.warning("signal %d: no submitit handler to requeue the job; it stops with exit code %s", sig, exc.code)
+        return
+    if _rank() == 0:
+        log.warning("pre-empted by submitit's signal %d: checkpoint %s; handing over to submitit to requeue the job",
+                    sig, exc.checkpoint)
+    try:
+        handler(sig, None)  # rank 0: requeues and exits (SystemExit); other ranks: returns
+    except SystemExit:
+        raise
+    except Exception as error:  # submitit's own refusal (timed out too many times...): the record stays "preempted"
+        log.warning("submitit did not requeue the job: %s", error)
+        exc.runner_recorded = True  # type: ignore[attr-defined]
+        raise exc from error
 
 
 def _run_job(cfg: DictConfig) -> Optional[Dict[str, Any]]:

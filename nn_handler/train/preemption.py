@@ -22,11 +22,26 @@ class Preempted(SystemExit):
         return f"training stopped by signal {self.signum}; checkpoint saved at {self.checkpoint}"
 
 
+def submitit_signal() -> Optional[int]:
+    """Inside a submitit job (``SUBMITIT_EXECUTOR`` set, as hydra-submitit-launcher's jobs are): the
+    signal submitit sends before a time-out or on pre-emption and answers with checkpoint-and-requeue
+    (``SUBMITIT_PREEMPT_SIGNAL``, default USR2); None elsewhere or when the name is no signal."""
+    import os
+    import signal
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").strip().upper()
+    sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    return int(sig) if isinstance(sig, int) else None
+
+
 class _SignalStop:
-    """SIGTERM, SIGUSR1 and SIGINT ask the loop to stop after the current step.
+    """SIGTERM, SIGUSR1 and SIGINT (and, inside a submitit job, submitit's pre-emption signal, USR2 by
+    default) ask the loop to stop after the current step.
 
     A repeated SIGTERM/SIGUSR1 changes nothing; a second SIGINT aborts at once. Only the
-    main thread of the main process installs handlers; the previous ones come back after.
+    main thread of the main process installs handlers; the previous ones come back after (so
+    submitit's own handler, which requeues the job, is there again once the checkpoint is saved).
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -40,9 +55,9 @@ class _SignalStop:
         import threading
         if threading.current_thread() is not threading.main_thread():
             return self
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
+        signals = [getattr(signal, name, None) for name in self.SIGNALS] + [submitit_signal()]
+        for sig in signals:
+            if sig is not None and sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
