@@ -67,16 +67,22 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_submitits_preemption_signal_saves_records_preempted_then_the_job_is_requeued_and_resumes(tmp_path):
-    """submitit's signal (USR2, what SLURM sends before the time limit and submitit_local's controller
-    forwards to every task) reaches the training loop: the ranks save the pre-emption checkpoint and
-    metrics.json says preempted; then submitit requeues the job, which goes on from that checkpoint
-    (auto_resume=true) and finishes the epochs asked; the sweep exits 0."""
+@pytest.mark.parametrize("name", ["USR2", "USR1"])
+def test_submitits_preemption_signal_saves_records_preempted_then_the_job_is_requeued_and_resumes(tmp_path, name):
+    """submitit's signal (USR2 by default, USR1 with SUBMITIT_PREEMPT_SIGNAL=USR1; what SLURM sends before
+    the time limit and submitit_local's controller forwards to every task) reaches the training loop:
+    the ranks save the pre-emption checkpoint and metrics.json says preempted; then submitit requeues
+    the job, which goes on from that checkpoint (auto_resume=true) and finishes the epochs asked; the
+    sweep exits 0."""
+    signum = getattr(signal, "SIG" + name)
+    env = _env()
+    if name != "USR2":
+        env["SUBMITIT_PREEMPT_SIGNAL"] = name
     cmd = [sys.executable, "-m", "runner", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
            "hydra.launcher.timeout_min=5", "data=synthetic", "data.train.n=2048", "data.batch_size=2",
            "model.hidden=[16]", "train.epochs=1", "save.every_n_steps=50", "train.progress_bar=false",
            "auto_resume=true", "hydra.sweep.dir=sweep"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     job = tmp_path / "sweep" / "0"
     try:
@@ -90,7 +96,7 @@ def test_submitits_preemption_signal_saves_records_preempted_then_the_job_is_req
         tasks = [pid for pid in _descendants(proc.pid) if "submitit.core._submit" in _cmdline(pid)]
         assert len(tasks) == 2, [(pid, _cmdline(pid)) for pid in _descendants(proc.pid)]
         for pid in tasks:  # as submitit_local's controller does at the time limit (SLURM: --signal=USR2@N)
-            os.kill(pid, signal.SIGUSR2)
+            os.kill(pid, signum)
         preempted = None
         while time.monotonic() < deadline and proc.poll() is None and preempted is None:
             try:
@@ -106,7 +112,7 @@ def test_submitits_preemption_signal_saves_records_preempted_then_the_job_is_req
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert preempted is not None, f"metrics.json never said preempted\n{err[-3000:]}"
-    assert preempted["signal"] == signal.SIGUSR2 and preempted["exit_code"] == 128 + signal.SIGUSR2, preempted
+    assert preempted["signal"] == signum and preempted["exit_code"] == 128 + signum, preempted
     checkpoint = Path(preempted["checkpoint_written"])
     assert checkpoint.name.endswith("-preempt.pth") and checkpoint.is_file()
     assert proc.returncode == 0, err[-4000:]
