@@ -631,15 +631,17 @@ class NNHandler:
         module.eval()
         outputs = []
         x = None
+        extra = 0
+        if self._fsdp is not None:  # a sharded forward is a collective: every rank runs as many (counted first)
+            from .train.evaluate import equal_forwards
+            extra = equal_forwards(len(batches), self._dist)
         try:
             with autocast_context(self._device, self._settings.use_amp):
                 for batch in batches:
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
                     outputs.append(module(to_device(x, self._device)).float())
-                if self._fsdp is not None:  # a sharded forward is a collective: every rank runs as many
-                    from .train.evaluate import equal_forwards
-                    extra = equal_forwards(len(outputs), self._dist)
-                    if extra and x is None:
+                if extra:
+                    if x is None:
                         probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
                         x = probe[0] if isinstance(probe, (list, tuple)) else probe
                         x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
@@ -830,6 +832,18 @@ class NNHandler:
         return initialize_from_checkpoint(cls, checkpoint_path, model_class, model_type=model_type, device=device,
                                           strict_load=strict_load, prefix=prefix, trusted_packages=trusted_packages,
                                           **model_kwargs)
+
+    @classmethod
+    def convert(cls, source: Union[str, os.PathLike], target: Union[str, os.PathLike], *,
+                trusted_packages: Sequence[str] = (), model_class: Optional[Callable[..., nn.Module]] = None,
+                model_kwargs: Optional[Dict[str, Any]] = None) -> str:
+        """Consolidate a sharded checkpoint (a ``.dcp`` directory) into one file, or shard one file (a
+        ``target`` ending in ``.dcp``), in one process; returns ``target``. The whole handler is loaded
+        (``load``'s trust rules apply) and saved in the other form, its per-rank records carried over, so
+        a job of the source's size resumes the result as it would the source."""
+        from .loading import convert
+        return convert(cls, source, target, trusted_packages=trusted_packages, model_class=model_class,
+                       model_kwargs=model_kwargs)
 
     def export(self, path: Union[str, os.PathLike], ema: bool = True) -> "os.PathLike[str]":
         """Write the model's weights to ``path`` as safetensors (the EMA weights when there are any,

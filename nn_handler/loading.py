@@ -81,6 +81,9 @@ def load(handler_class: type, path: Union[PathLike, CheckpointFile], device: Dev
         obj = ckpt.state(target, mmap=mmap)  # raises on every rank if the file fails on any (its shards too)
         checksum = ckpt.checksum
         shards = ckpt.sharded_record
+    if isinstance(obj, dict) and F.SHARDED in obj and shards is None:  # (defence: its tensors are in its directory)
+        error = IncompatibleCheckpointError(path_str, "this is a sharded checkpoint's header: load its directory")
+        distributed.agree(error, info, f"reading checkpoint {path_str}", path_str)
     if not F.is_handler_state(obj) and interop.holds_weights(obj):
         found, error = None, None  # another tool's weights file (Lightning, {"state_dict": ...}): its weights
         try:
@@ -294,3 +297,28 @@ def _restore_part(h: "NNHandler", part: Any, name: str, entry: Any, context: Loa
             exc = specs.SpecError(f"its saved state does not fit this model's parameters ({exc})")
         reason = str(exc) if isinstance(exc, specs.SpecError) else f"{type(exc).__name__}: {exc}"
         context.not_restored_because(component, reason)
+
+
+def convert(handler_class: type, source: Union[PathLike, CheckpointFile], target: PathLike, *,
+            trusted_packages: Sequence[str] = (), model_class: Optional[type] = None,
+            model_kwargs: Optional[Dict[str, Any]] = None) -> str:
+    """``NNHandler.convert``: a sharded checkpoint consolidated into one file, or one file sharded (a ``target``
+    ending in ``.dcp``), in one process. The handler is loaded whole (the trust rules of ``load`` apply) and
+    saved in the other form; the per-rank records (random streams, partial-epoch sums) and the world size
+    are carried over as the source has them, so a job of the source's size resumes the converted file as
+    it would the source."""
+    from .checkpointing import sharded as shards
+    from .checkpointing.save import snapshot, staged, write
+    info = distributed.setup(None)
+    if info.enabled:
+        raise RuntimeError("convert a checkpoint in one process, not under torchrun: it loads the whole state there")
+    with _opened(source, info) as ckpt:
+        h = load(handler_class, ckpt, device="cpu", trusted_packages=trusted_packages, model_class=model_class,
+                 model_kwargs=model_kwargs)
+        recorded = F.check_and_migrate(ckpt.contents(), ckpt.path)
+        carried = {key: staged(recorded[key]) for key in (F.RNG, F.PROGRESS, F.WORLD_SIZE) if key in recorded}
+    sharded = os.fspath(target).rstrip("/").endswith(shards.SUFFIX)
+    snap = snapshot(h.parts(), h.header(), info, sharded=sharded)
+    snap.state.update(carried)
+    write(snap, target, info, h._warn, sharded=sharded)
+    return os.fspath(target)

@@ -38,6 +38,11 @@ class SaveConf:
     keep_best: Optional[int] = None  # and the best N by `monitor` (needs monitor)
     monitor: Optional[str] = None  # e.g. val_loss, train_loss, val_accuracy
     mode: str = "min"  # min | max
+    # save.async=true: each checkpoint is written in the background while training goes on (the key is
+    # the Python keyword "async": see _keyword_key)
+    async_: bool = False
+    # DCP directories (ckpt-....dcp, each rank its shards); null: sharded under strategy=fsdp
+    sharded: Optional[bool] = None
 
 
 @dataclass
@@ -124,6 +129,25 @@ class SampleConf:
 
 
 @dataclass
+class StrategyConf:
+    """How the model is spread over the ranks (``strategy=auto|ddp|fsdp``): ``NNHandler(strategy=...)``."""
+
+    name: str = "auto"  # auto: as the checkpoint was (FSDP if it was sharded with FSDP), else ddp
+    wrap: List[str] = field(default_factory=list)  # fsdp: module class names that get their own shard group
+    min_params: int = 100_000  # fsdp, without wrap: a shard group per module holding this many parameters
+    param_dtype: Optional[str] = None  # fsdp mixed precision: bfloat16 | float16 | float32
+    reduce_dtype: Optional[str] = None
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class ConvertConf:
+    """``task=convert``: ``checkpoint.path`` consolidated into one file, or sharded (``convert.to`` ending in .dcp)."""
+
+    to: Optional[str] = None  # null: <run dir>/converted.pth for a sharded source, <run dir>/converted.dcp else
+
+
+@dataclass
 class ExportConf:
     """``task=export``: the checkpoint's weights as ``<run dir>/model.safetensors``."""
 
@@ -178,9 +202,31 @@ class RunnerConfig:
     inspect: InspectConf = field(default_factory=InspectConf)
     diff: DiffConf = field(default_factory=DiffConf)
     export: ExportConf = field(default_factory=ExportConf)
+    convert: ConvertConf = field(default_factory=ConvertConf)
+    strategy: StrategyConf = field(default_factory=StrategyConf)
     # -m with an optimising sweeper (hydra/sweeper=optuna, nevergrad, ax): the metrics.json key each job
     # returns to it as a float, e.g. val_loss; null: jobs return their whole record.
     objective: Optional[str] = None
+
+
+def _keyword_key(cls: type, attr: str, key: str) -> None:
+    """Spell the dataclass field ``attr`` as the Python keyword ``key`` in the config (``save.async``):
+    OmegaConf reads a dataclass's fields, annotations and instance attributes by name."""
+    f = cls.__dataclass_fields__.pop(attr)
+    f.name = key
+    cls.__dataclass_fields__[key] = f
+    cls.__annotations__[key] = cls.__annotations__.pop(attr)
+    init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        value = kwargs.pop(key, f.default)
+        init(self, *args, **kwargs)
+        setattr(self, key, value)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keyword_key(SaveConf, "async_", "async")
 
 
 def register() -> None:

@@ -18,7 +18,7 @@ from nn_handler import NNHandler
 from nn_handler.fsdp import optimizer_state
 
 DATA = {"_target_": "nn_handler.datasets.synthetic_classification", "n": 64, "in_features": 8, "num_classes": 3}
-VAL = {**DATA, "n": 13}  # not a multiple of the world size: ranks see different numbers of batches
+VAL = {**DATA, "n": 9}  # on 2 ranks 5 and 4 samples: 2 batches of 4 on one, 1 on the other
 
 
 class Net(torch.nn.Module):
@@ -78,11 +78,13 @@ def dump(h: NNHandler, out: str, tag: str) -> None:
         torch.save(record, os.path.join(out, f"{tag}-rank0.pt"))
 
 
-def train_and_save(out: str, strat: str, epochs: str, ckpt: str, *flags: str) -> None:
-    """Train ``epochs`` with EMA, save to ``ckpt`` (a ``.dcp`` path: sharded) and record the state."""
+def train_and_save(out: str, strat: str, epochs: str, ckpts: str, *flags: str) -> None:
+    """Train ``epochs`` with EMA, save to each of ``ckpts`` (comma-separated; a ``.dcp`` path: sharded) and
+    record the state."""
     h = make(strat)
     h.train(int(epochs), ema_decay=0.9, seed=3, progress_bar=False)
-    h.save(ckpt, asynchronous="async" in flags)
+    for ckpt in ckpts.split(","):
+        h.save(ckpt, asynchronous="async" in flags)
     h.wait_for_save()
     dump(h, out, "saved")
     if "more" in flags:  # the uninterrupted run: as many epochs again
@@ -101,24 +103,46 @@ def load_and_record(out: str, strat: str, ckpt: str, *flags: str) -> None:
         h.save(flags[flags.index("save") + 1])
 
 
-def train_checkpointed(out: str, strat: str, epochs: str, directory: str, *flags: str) -> None:
-    """Train with a checkpoint directory (every 2 steps), async saves when asked; record at the end."""
-    h = make(strat)
-    h.train(int(epochs), ema_decay=0.9, seed=3, progress_bar=False, checkpoint_dir=directory,
-            save_every_n_steps=2, async_save="async" in flags, keep_last=3)
-    dump(h, out, "done")
+def load_each(out: str, *entries: str) -> None:
+    """Each ``TAG=STRATEGY=PATH[=EPOCHS]``: load PATH under STRATEGY, record as TAG-loaded; with EPOCHS, train
+    them and record as TAG-resumed."""
+    for entry in entries:
+        tag, strat, path, *more = entry.split("=")
+        h = NNHandler.load(path, device="cpu", strategy=strategy(strat), trusted_packages=["fsdp_workers"])
+        dump(h, out, f"{tag}-loaded")
+        if more:
+            h.train(int(more[0]), progress_bar=False)
+            dump(h, out, f"{tag}-resumed")
+
+
+def train_checkpointed(out: str, strat: str, epochs: str, directory: str) -> None:
+    """Train twice with a checkpoint directory (every 2 steps, the newest 3 kept): with synchronous saves into
+    DIRECTORY/sync, with asynchronous ones into DIRECTORY/async; record both at the end."""
+    for mode in ("sync", "async"):
+        h = make(strat)
+        h.train(int(epochs), ema_decay=0.9, seed=3, progress_bar=False, checkpoint_dir=os.path.join(directory, mode),
+                save_every_n_steps=2, async_save=mode == "async", keep_last=3)
+        dump(h, out, f"done-{mode}")
 
 
 def predict_and_sample(out: str, strat: str) -> None:
     h = make(strat)
     h.train(1, seed=3, progress_bar=False)
     x = torch.randn(7, 8, generator=torch.Generator().manual_seed(0))
-    y = h.predict(x, batch_size=2)
+    y = h.predict(x, batch_size=2)  # 7 rows over 2 ranks: 2 batches on one, 2 on the other (4 and 3 rows)
+    y1 = h.predict(x[:3], batch_size=1)  # 2 batches on rank 0, 1 on rank 1
+    from nn_handler.fsdp import model_state
+    weights = model_state(h.module, full=True)
     if h.rank == 0:
-        torch.save({"predict": y}, os.path.join(out, "predict-rank0.pt"))
+        ref = Net(16)
+        ref.load_state_dict(weights)
+        ref.eval()
+        with torch.no_grad():
+            reference = ref(x)
+        torch.save({"predict": y, "predict_small": y1, "reference": reference}, os.path.join(out, "predict-rank0.pt"))
 
 
-SCENARIOS = {"train_and_save": train_and_save, "load_and_record": load_and_record,
+SCENARIOS = {"train_and_save": train_and_save, "load_and_record": load_and_record, "load_each": load_each,
              "train_checkpointed": train_checkpointed, "predict": predict_and_sample}
 
 

@@ -68,6 +68,8 @@ class CheckpointFile:
             return path
         info = dist or _LOCAL
         path_str = os.fspath(path)
+        if os.path.basename(path_str) == _sharded.HEADER and _sharded.is_sharded(os.path.dirname(path_str) or "."):
+            path_str = os.path.dirname(path_str) or "."  # a sharded checkpoint's header: the checkpoint is its directory
         what = f"reading checkpoint {path_str}"
         fd, source, trailer, identity, error, safetensors = None, path_str, None, None, None, False
         is_dir = _sharded.is_sharded(path_str)  # a sharded checkpoint: its header file is what is opened

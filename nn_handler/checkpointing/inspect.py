@@ -23,6 +23,7 @@ import torch
 
 from .. import specs
 from . import format as F
+from . import sharded
 from .errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 from .file import CheckpointFile, broken_header_is_damage
 from .io import PathLike, file_checksum
@@ -449,6 +450,8 @@ def inspect(path: Union[PathLike, CheckpointFile]) -> Dict[str, Any]:
             if ckpt is None:
                 raise opening
             obj = ckpt.contents()
+            if ckpt.sharded:  # its weights described from its index (meta tensors: no shard is read)
+                obj = sharded.with_weights(obj, ckpt.path, meta=True)
         except CheckpointError as exc:
             report["error"] = str(exc)
             return report
@@ -489,6 +492,8 @@ def _verified(path: Union[str, CheckpointFile]) -> Tuple[str, Any]:
         ckpt = CheckpointFile.open(path)
         try:
             ckpt.verify()
+            if ckpt.sharded:  # its weights read from its (verified) shards
+                return path_str, sharded.with_weights(ckpt.contents(), ckpt.path, meta=False)
             return path_str, ckpt.contents()
         finally:
             if ckpt is not path:

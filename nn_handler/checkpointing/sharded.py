@@ -23,6 +23,7 @@ its own layout needs.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -30,8 +31,9 @@ import re
 import shutil
 import socket
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import crc32c
 import torch
@@ -90,6 +92,14 @@ def _agree(error: Optional[BaseException], info: distributed.DistInfo, group: An
     if error is not None:
         raise error
     raise CheckpointError(path, f"{what} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP's note that one process with no process group loads alone: that is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------- writing
@@ -218,8 +228,9 @@ def write(snapshot: Snapshot, path: PathLike, info: distributed.DistInfo, group:
         metadata, error = None, None
         try:
             writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1)
-            metadata = dcp.save(snapshot.tensors, storage_writer=writer, process_group=group,
-                                no_dist=not (info.enabled and dist.is_initialized()))
+            with _quiet():
+                metadata = dcp.save(snapshot.tensors, storage_writer=writer, process_group=group,
+                                    no_dist=not (info.enabled and dist.is_initialized()))
             mine = {}
             for name in sorted(os.listdir(tmp)):
                 m = _SHARD.match(name)
@@ -334,10 +345,22 @@ def decode_index(record: Dict[str, Any], path: str) -> Any:
             raise CorruptCheckpointError(path, f"{fqn} lies past the end of {name}")
         storage[MetadataIndex(fqn=fqn, offset=torch.Size(offsets))] = _StorageInfo(
             relative_path=name, offset=offset, length=length)
+    stored: Dict[str, int] = {}
+    for index_key, where_ in storage.items():
+        stored[index_key.fqn] = stored.get(index_key.fqn, 0) + where_.length
     for fqn, offsets in chunks_of.items():
         for o in offsets:
             if MetadataIndex(fqn=fqn, offset=torch.Size(list(o))) not in storage:
                 raise F.malformed(path, f"{where}.storage", fqn, "a location for every chunk")
+        meta = state_meta[fqn]
+        numel = 1
+        for n in meta.size:
+            numel *= n
+        # what a reader allocates for it is bounded by the bytes the files hold for it
+        itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+        if numel * itemsize > stored.get(fqn, 0):
+            raise CorruptCheckpointError(path, f"{fqn} says it holds {numel * itemsize} bytes, its shard files "
+                                               f"{stored.get(fqn, 0)}")
     return Metadata(state_dict_metadata=state_meta, storage_data=storage, storage_meta=StorageMeta())
 
 
@@ -407,6 +430,31 @@ class _Reader:
         return Reader(path)
 
 
+def read_part(path: str, record: Dict[str, Any], part: str, meta: bool = False) -> Dict[str, torch.Tensor]:
+    """The whole tensors of one part (``model_state_dict``), read from the shards in this process (``meta``: only
+    their shapes and dtypes, nothing read). The sizes come from the checked index, bounded by the files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    metadata = decode_index(record, path)
+    prefix = part + SEP
+    wanted = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype, device="meta" if meta else "cpu")
+              for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    if wanted and not meta:
+        with _quiet():
+            dcp.load(wanted, storage_reader=_Reader(path, metadata),
+                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return {k[len(prefix):]: t for k, t in wanted.items()}
+
+
+def with_weights(state: Any, path: str, meta: bool = False) -> Any:
+    """A sharded checkpoint's header state with its model weights in place (``read_part``), for the readers that
+    describe or compare weights (inspect, diff)."""
+    if not isinstance(state, dict) or state.get(F.SHARDED) is None:
+        return state
+    record = checked_record(state[F.SHARDED], path)
+    return {**state, F.MODEL_STATE: read_part(path, record, F.MODEL_STATE, meta=meta)}
+
+
 def load(path: str, record: Dict[str, Any], parts: Mapping[str, Any], leave_out: Any, strict: bool,
          warn: Callable[[str], None], info: distributed.DistInfo, state: Mapping[str, Any]) -> None:
     """Load the sharded tensors of every part in ``parts`` that the record holds (minus ``leave_out``) into the
@@ -446,8 +494,10 @@ def load(path: str, record: Dict[str, Any], parts: Mapping[str, Any], leave_out:
         chosen.append(name)
     if wanted:
         try:
-            dcp.load(wanted, storage_reader=_Reader(path, metadata), planner=DefaultLoadPlanner(allow_partial_load=True),
-                     no_dist=not (info.enabled and dist.is_initialized()))
+            with _quiet():
+                dcp.load(wanted, storage_reader=_Reader(path, metadata),
+                         planner=DefaultLoadPlanner(allow_partial_load=True),
+                         no_dist=not (info.enabled and dist.is_initialized()))
         except CheckpointError:
             raise
         except Exception as exc:

@@ -121,6 +121,8 @@ def open_latest(directory: PathLike) -> CheckpointFile:
     directory = Path(directory)
     if not directory.is_dir():
         raise NotADirectoryError(f"not a directory: {directory}")
+    if is_sharded(directory):  # a sharded checkpoint itself, not a directory of checkpoints
+        return CheckpointFile.open(directory).verify()
     ranked: List[Tuple[Tuple[int, int, int], str, CheckpointFile]] = []
     skipped: List[str] = []
     found: Optional[CheckpointFile] = None

@@ -10,6 +10,7 @@ then train or predict.
 - infer:    ``NNHandler.initialize_from_checkpoint``; predictions and, with targets, metrics.
 - sample, inspect, diff, export: a trained model's samples, what a file records, what two
             differ in, the weights as safetensors.
+- convert:  a sharded checkpoint consolidated into one file, or one file sharded (``NNHandler.convert``).
 
 ``build.py`` turns the config into components, ``checkpoints.py`` finds the file to read and
 ``fit.py`` trains, saves and reports.
@@ -29,6 +30,7 @@ from .. import reporting
 from ..context import RunContext
 from ..errors import RunnerError, one_line, user_errors
 from .checkpoints import own_checkpoint
+from .convert import convert_task
 from .export import export_task
 from .finetune import finetune_task
 from .infer import infer_task
@@ -39,14 +41,16 @@ from .train import continue_run, train_task
 
 TASKS: Dict[str, Callable[[DictConfig, RunContext], Dict[str, Any]]] = {
     "train": train_task, "resume": resume_task, "finetune": finetune_task, "infer": infer_task,
-    "sample": sample_task, "inspect": inspect_task, "diff": diff_task, "export": export_task}
+    "sample": sample_task, "inspect": inspect_task, "diff": diff_task, "export": export_task,
+    "convert": convert_task}
 # Tasks that train (and so save checkpoints, honour auto_resume and pre-emption).
 TRAINING_TASKS = ("train", "resume", "finetune")
 # Tasks that only read files: never started as distributed workers.
 READ_ONLY_TASKS = ("inspect", "diff")
 
 __all__ = ["TASKS", "TRAINING_TASKS", "READ_ONLY_TASKS", "run", "continue_run", "train_task", "resume_task",
-           "finetune_task", "infer_task", "sample_task", "inspect_task", "diff_task", "export_task", "record_failure",
+           "finetune_task", "infer_task", "sample_task", "inspect_task", "diff_task", "export_task", "convert_task",
+           "record_failure",
            "record_launch_failure"]
 
 

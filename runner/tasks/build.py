@@ -177,10 +177,24 @@ def load_handler(path: Any, cfg: DictConfig, choice: ModelChoice, *, configured:
 
 
 def load_flags(cfg: DictConfig) -> Dict[str, Any]:
-    """``NNHandler.load``'s keyword arguments from ``load.*`` and ``device``."""
+    """``NNHandler.load``'s keyword arguments from ``load.*``, ``device`` and ``strategy``."""
     load = cfg.load
     return dict(device=cfg.device, strict_load=bool(load.strict), trusted_packages=trusted_packages_of(cfg),
-                **{flag: bool(load[flag]) for flag in SKIP_FLAGS})
+                strategy=strategy_of(cfg), **{flag: bool(load[flag]) for flag in SKIP_FLAGS})
+
+
+def strategy_of(cfg: DictConfig) -> Any:
+    """``NNHandler``'s ``strategy`` from ``strategy.*``: None for auto (as the checkpoint was, else DDP)."""
+    conf = cfg.get("strategy")
+    name = str(conf.name) if conf is not None else "auto"
+    if name == "auto":
+        return None
+    if name == "ddp":
+        return "ddp"
+    if name != "fsdp":
+        raise RunnerError(f"strategy={name!r} is not a strategy: choose auto, ddp or fsdp")
+    options = OmegaConf.to_container(conf, resolve=True)
+    return {k: v for k, v in options.items() if k != "name"} | {"name": "fsdp"}
 
 
 # ---------------------------------------------------------------------------- handler setup

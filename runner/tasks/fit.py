@@ -36,7 +36,7 @@ def _store(cfg: DictConfig, directory: str) -> CheckpointStore:
     save = cfg.save
     try:
         return CheckpointStore(directory, keep_last=save.keep_last, keep_best=save.keep_best, monitor=save.monitor,
-                               mode=str(save.mode))
+                               mode=str(save.mode), sharded=save.sharded)
     except ValueError as exc:
         raise RunnerError(f"save: {exc}") from None
 
@@ -147,7 +147,7 @@ def fit_and_save(h: NNHandler, cfg: DictConfig, ctx: RunContext, checkpoint_read
         h.train(epochs, validate_every=t.validate_every, gradient_accumulation_steps=t.gradient_accumulation_steps,
                 use_amp=t.use_amp, gradient_clipping_norm=t.gradient_clipping_norm, ema_decay=t.ema_decay,
                 seed=seed, progress_bar=False, checkpoint_dir=store, save_every_n_steps=every_n_steps,
-                save_every_n_epochs=every_n_epochs, handle_signals=True)
+                save_every_n_epochs=every_n_epochs, handle_signals=True, async_save=bool(cfg.save["async"]))
     except Preempted as exc:
         record = reporting.training_metrics(h, str(cfg.task), checkpoint_read, exc.checkpoint, status="preempted",
                                             signal=exc.signum, exit_code=exc.code)

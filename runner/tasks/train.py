@@ -19,6 +19,7 @@ from .build import (
     set_optimizer,
     set_scheduler,
     set_sde,
+    strategy_of,
     trusted_packages_of,
 )
 from .checkpoints import checkpoint_info
@@ -35,7 +36,7 @@ def train_task(cfg: DictConfig, ctx: RunContext) -> Dict[str, Any]:
     if cfg.seed is not None:
         rng.seed_everything(int(cfg.seed))  # the initial weights too
     h = new_handler(cfg.model[specs.TARGET], kwargs, lambda: NNHandler(
-        cls, device=cfg.device, model_type=cfg.model_type or "classification", **kwargs))
+        cls, device=cfg.device, model_type=cfg.model_type or "classification", strategy=strategy_of(cfg), **kwargs))
     set_loss(h, cfg)
     set_sde(h, cfg)
     set_metrics(h, cfg)
@@ -52,7 +53,8 @@ def continue_run(cfg: DictConfig, ctx: RunContext, path: str) -> Dict[str, Any]:
     the epoch its first attempt aimed at (recorded in the checkpoint). Everything comes back from
     the file (the run's own): weights, optimizer, scheduler, EMA, data, random streams, position.
     """
-    h = NNHandler.load(path, device=cfg.device, model_type=cfg.model_type, trusted_packages=trusted_packages_of(cfg))
+    h = NNHandler.load(path, device=cfg.device, model_type=cfg.model_type, trusted_packages=trusted_packages_of(cfg),
+                       strategy=strategy_of(cfg))
     complete_from_config(h, cfg, ctx)
     recorded = h.metadata.get("runner")
     recorded_target = recorded.get("target_epoch") if isinstance(recorded, dict) else None
