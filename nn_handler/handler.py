@@ -92,6 +92,7 @@ class NNHandler:
         policy = fsdp.coerce_strategy(strategy)
         self._fsdp: Optional[fsdp.FSDP] = policy if self._dist.enabled else None  # one process: nothing to shard
         self._saver = BackgroundSave(self._dist)
+        self._defer_staging = False  # inside train with async_save: see save
         self._device = distributed.resolve_device(device, self._dist)
         self._model_type = coerce_model_type(model_type)
         self.logger = logger
@@ -468,16 +469,21 @@ class NNHandler:
             def save(tag: str = "") -> str:  # a pre-emption's checkpoint is written before the process goes
                 return str(store.save(self, tag=tag, asynchronous=bool(async_save) and tag != "preempt"))
 
+            context = self._loop_context(save if store is not None else None)
+            if async_save:
+                context.before_update = self._saver.wait_staged
+            self._defer_staging = bool(async_save)
             try:
-                run_loop(self._loop_context(save if store is not None else None), int(epochs), progress_bar,
-                         every_n_steps=save_every_n_steps, every_n_epochs=save_every_n_epochs,
-                         handle_signals=handle_signals)
+                run_loop(context, int(epochs), progress_bar, every_n_steps=save_every_n_steps,
+                         every_n_epochs=save_every_n_epochs, handle_signals=handle_signals)
             except BaseException:
                 try:
                     self._saver.wait()  # never leave a write behind; the first error is the one raised
                 except Exception as exc:  # noqa: BLE001
                     self.logger.warning("the background save also failed: %s", exc)
                 raise
+            finally:
+                self._defer_staging = False
             self._saver.wait()
 
     def _loop_context(self, save: Optional[Callable[..., Optional[str]]] = None) -> LoopContext:
@@ -523,6 +529,7 @@ class NNHandler:
         if self._ema is None:
             raise RuntimeError("no EMA weights: train with ema_decay=0.999 (say), or load a checkpoint saved "
                                "with EMA (without skip_ema=True)")
+        self._saver.wait_staged()  # (a background save's copy of the weights comes first)
         with self._ema.swapped_into(self._module) as module:
             yield module
 
@@ -573,6 +580,8 @@ class NNHandler:
             progress_bar = int(steps) * (1 + int(corrector_steps)) >= 200
         module = self._module
         was_training = module.training
+        if use_ema and self._ema is not None:
+            self._saver.wait_staged()  # (a background save's copy of the weights comes first)
         ema = self._ema.swapped_into(module) if (use_ema and self._ema is not None) else contextlib.nullcontext()
         module.eval()
         try:
@@ -758,7 +767,7 @@ class NNHandler:
         0 once the checkpoint is complete (in the background thread for an asynchronous save).
         """
         from .checkpointing import sharded as shards
-        from .checkpointing.save import snapshot, write
+        from .checkpointing.save import finish_staging, snapshot, write
         if sharded is None:
             sharded = os.fspath(path).rstrip("/").endswith(shards.SUFFIX) or shards.is_sharded(path)
         sharded = bool(sharded)
@@ -770,8 +779,14 @@ class NNHandler:
                 after()
         else:
             group = self._saver.group() if sharded else None
-            snap = snapshot(self.parts(), self.header(), self._dist, sharded=sharded, stage=True)
+            # Inside train the weights, optimizer state and EMA change only at the next optimizer step, which
+            # waits for the background thread to have copied them (``before_update``): they are copied there.
+            later = self._live_storages() if self._defer_staging else None
+            snap = snapshot(self.parts(), self.header(), self._dist, sharded=sharded, stage=True, later=later)
             info, warn, main = self._dist, self._warn, self._dist.is_main
+
+            def stage() -> None:
+                snap.state, snap.tensors = finish_staging(snap.state), finish_staging(snap.tensors)
 
             def write_in_background() -> Optional[BaseException]:
                 error = write(snap, path, info, warn, group=group, sharded=sharded, agree=False)
@@ -779,9 +794,24 @@ class NNHandler:
                     after()
                 return error
 
-            self._saver.submit(write_in_background, path)
+            self._saver.submit(write_in_background, path, stage=stage if later else None)
         for cb in dispatch(self._callbacks, "on_save"):
             cb.on_save(self, os.fspath(path))
+
+    def _live_storages(self) -> set:
+        """The storages that only an optimizer step (and the EMA update after it) changes."""
+        from .checkpointing.save import storages
+        trees: List[Any] = [list(self._module.parameters())]
+        if self._optimizer is not None:
+            trees.append([dict(s) for s in self._optimizer.state.values()])
+        if self._ema is not None:
+            trees.append(self._ema.sharded_state()[1])
+        return storages(*trees)
+
+    @property
+    def saving(self) -> bool:
+        """An asynchronous save is still being written (``wait_for_save`` would wait)."""
+        return self._saver.writing
 
     def wait_for_save(self) -> None:
         """Wait for an asynchronous save in flight (every rank calls it); raise its error if it failed on any rank."""

@@ -37,7 +37,14 @@ def job(out: Path, scenario: str, *args: str, nproc: int = 2, timeout: int = 180
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
                scenario, str(out), *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_job(proc)  # the agent and its workers (each in a session of its own): nothing left running
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{scenario} did not finish in {timeout} s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:
@@ -196,6 +203,11 @@ def test_asynchronous_saves_write_the_same_checkpoints_and_a_failure_is_raised(t
     names = sorted(p.name for p in (tmp_path / "ck" / "async").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "ck" / "sync").iterdir())
     assert [n for n in names if n.endswith(".dcp")] and not [n for n in names if n.startswith(".")]
+    for name in (n for n in names if n.endswith(".dcp")):  # each checkpoint holds the state of its own step
+        a, b = (NNHandler.load(tmp_path / "ck" / m / name, trusted_packages=["fsdp_workers"]) for m in ("sync", "async"))
+        assert same(a.module.state_dict(), b.module.state_dict()), name
+        assert same(a.optimizer.state_dict(), b.optimizer.state_dict()), name
+        assert same(a.ema.state_dict(), b.ema.state_dict()) and a.global_step == b.global_step, name
     newest = find_latest(tmp_path / "ck" / "async")
     assert newest.suffix == ".dcp"
     h = NNHandler.load(newest, trusted_packages=["fsdp_workers"])

@@ -102,25 +102,79 @@ def assemble(parts: Mapping[str, Any], header: Mapping[str, Any],
     return state
 
 
-def staged(tree: Any) -> Any:
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "device_mesh"):
+        return t.clone()
+    return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+
+
+def _storage(t: torch.Tensor) -> int:
+    local = getattr(t, "to_local", None)
+    return (local() if callable(local) else t).untyped_storage().data_ptr()
+
+
+class _Later:
+    """A tensor a background save copies in its own thread, before the training next changes it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def staged(tree: Any, later: Optional[set] = None) -> Any:
     """A copy of ``tree`` whose tensors are this process's own CPU copies (a DTensor keeps its layout):
-    what a background save writes while training changes the live tensors."""
+    what a background save writes while training changes the live tensors. A tensor whose storage is in
+    ``later`` (what only the optimizer step changes: weights, optimizer state, EMA) is left for
+    ``finish_staging`` to copy in the background thread."""
     if isinstance(tree, torch.Tensor):
-        t = tree.detach()
-        if hasattr(t, "device_mesh"):
-            return t.clone()
-        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+        if later and _storage(tree) in later:
+            return _Later(tree)
+        return _copy(tree)
     if isinstance(tree, dict):
-        return {k: staged(v) for k, v in tree.items()}
+        return {k: staged(v, later) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [staged(v) for v in tree]
+        return [staged(v, later) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(staged(v) for v in tree)
+        return tuple(staged(v, later) for v in tree)
     return tree
 
 
+def finish_staging(tree: Any) -> Any:
+    """``tree`` with every tensor ``staged`` left for later copied now."""
+    if isinstance(tree, _Later):
+        return _copy(tree.tensor)
+    if isinstance(tree, dict):
+        return {k: finish_staging(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [finish_staging(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(finish_staging(v) for v in tree)
+    return tree
+
+
+def storages(*trees: Any) -> set:
+    """The storages of every tensor in ``trees`` (for ``staged``'s ``later``)."""
+    found: set = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            found.add(_storage(value))
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for tree in trees:
+        visit(tree)
+    return found
+
+
 def snapshot(parts: Mapping[str, Any], header: Mapping[str, Any], info: "distributed.DistInfo", *,
-             sharded: bool = False, stage: bool = False) -> Any:
+             sharded: bool = False, stage: bool = False, later: Optional[set] = None) -> Any:
     """What a save writes, taken now on every rank (collective: the PerRank parts are gathered, and a sharded
     model's full state too): ``sharded.Snapshot(state, tensors, parts)``. ``sharded`` leaves the tensors of
     every ShardedPart out of the state, as shards; ``stage`` copies every tensor, so that training may go on."""
@@ -144,8 +198,8 @@ def snapshot(parts: Mapping[str, Any], header: Mapping[str, Any], info: "distrib
     if sharded:
         state[F.VERSION] = F.SHARDED_VERSION
     if stage:
-        state = staged(state) if info.is_main else {}
-        tensors = staged(tensors)
+        state = staged(state, later) if info.is_main else {}
+        tensors = staged(tensors, later)
     return Snapshot(state if info.is_main else {}, tensors, names)
 
 
@@ -207,10 +261,18 @@ class BackgroundSave:
         self._error: Optional[BaseException] = None
         self._path = ""
         self._group: Any = None
+        self._staged = threading.Event()  # the background thread has copied what the training changes next
+        self._staged.set()
 
     @property
     def in_flight(self) -> bool:
+        """A save was submitted and not waited for (it may have finished writing)."""
         return self._thread is not None
+
+    @property
+    def writing(self) -> bool:
+        """The background write is still running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def group(self) -> Any:
         """The checkpoint thread's own group (made once, collectively, on the training thread)."""
@@ -219,18 +281,31 @@ class BackgroundSave:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
-    def submit(self, write_fn: Callable[[], Optional[BaseException]], path: PathLike) -> None:
+    def submit(self, write_fn: Callable[[], Optional[BaseException]], path: PathLike,
+               stage: Optional[Callable[[], None]] = None) -> None:
+        """Write in a thread: ``stage()`` first (copying what was left for later; ``wait_staged`` waits for
+        it), then ``write_fn()``."""
         self.wait()
         self._path = os.fspath(path)
+        self._staged.clear()
 
         def run() -> None:
             try:
+                try:
+                    if stage is not None:
+                        stage()
+                finally:
+                    self._staged.set()
                 self._error = write_fn()
             except BaseException as exc:  # noqa: BLE001 (told on the training thread)
                 self._error = exc
 
         self._thread = threading.Thread(target=run, name=f"nn_handler-save {os.path.basename(self._path)}")
         self._thread.start()
+
+    def wait_staged(self) -> None:
+        """Wait until the save in flight has its own copy of everything (no collective: any rank, any time)."""
+        self._staged.wait()
 
     def wait(self) -> None:
         thread, self._thread = self._thread, None

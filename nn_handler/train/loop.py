@@ -59,6 +59,9 @@ class LoopContext:
     ema: Optional[EMA] = None
     scaler: Optional[torch.amp.GradScaler] = None  # float16 AMP on CUDA
     save: Optional[Callable[..., Optional[str]]] = None  # save(tag="") -> path; None: nowhere to save
+    # Called before anything changes the weights, the optimizer state or the EMA (the optimizer step, an EMA
+    # swap for validation): a background save copies them meanwhile (None: no asynchronous saves).
+    before_update: Optional[Callable[[], None]] = None
 
 
 def check_ready(train: "DataSlot", val: "DataSlot", optimizer: Optional[torch.optim.Optimizer],
@@ -103,7 +106,7 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
         steps_per_epoch = None
     before, after = hooks["on_before_optimizer_step"], hooks["on_after_optimizer_step"]
     stepper = Stepper(ctx.model, ctx.module, ctx.optimizer, ctx.forward, ctx.device, ctx.settings, progress,
-                      scaler=ctx.scaler, ema=ctx.ema, distributed=distributed,
+                      scaler=ctx.scaler, ema=ctx.ema, distributed=distributed, before_update=ctx.before_update,
                       before_step=(lambda: [cb.on_before_optimizer_step(h, ctx.optimizer) for cb in before])
                       if before else None,
                       after_step=(lambda step: [cb.on_after_optimizer_step(h, step) for cb in after]) if after else None)
@@ -232,6 +235,8 @@ def _close_epoch(ctx: LoopContext, epoch: int, sums: Averages, hooks: Dict[str, 
     val_loss = math.nan
     val_metrics: Dict[str, float] = {name: math.nan for name in ctx.metrics}
     if validated:
+        if ctx.before_update is not None:
+            ctx.before_update()
         h = ctx.handler
         for cb in hooks["on_validation_begin"]:
             cb.on_validation_begin(h, epoch)

@@ -28,7 +28,8 @@ class Stepper:
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  forward: Forward, device: torch.device, settings: TrainSettings, progress: Progress,
                  scaler: Optional[Any] = None, ema: Optional[EMA] = None, distributed: bool = False,
-                 before_step: Optional[Callable[[], None]] = None, after_step: Optional[Callable[[int], None]] = None):
+                 before_step: Optional[Callable[[], None]] = None, after_step: Optional[Callable[[int], None]] = None,
+                 before_update: Optional[Callable[[], None]] = None):
         self.model, self.module, self.optimizer, self.forward = model, module, optimizer, forward
         self.device, self.progress, self.scaler, self.ema = device, progress, scaler, ema
         self.accum = settings.gradient_accumulation_steps
@@ -39,6 +40,7 @@ class Stepper:
         self.pending = 0  # micro-steps since the last optimizer step
         # The callbacks' before/after optimizer step hooks (None when no callback has them).
         self.before_step, self.after_step = before_step, after_step
+        self.before_update = before_update  # waits until a background save has copied what the step changes
 
     def begin_epoch(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -96,6 +98,8 @@ class Stepper:
     def optimizer_step(self) -> None:
         """Unscale (AMP) and clip, step, zero the gradients, count the step, update the EMA."""
         optimizer, scaler, clip, before = self.optimizer, self.scaler, self.clip, self.before_step
+        if self.before_update is not None:
+            self.before_update()
         if scaler is not None:
             if clip or before is not None:
                 scaler.unscale_(optimizer)
