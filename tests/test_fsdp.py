@@ -317,3 +317,33 @@ def test_saving_over_a_sharded_checkpoint_swaps_it_atomically_and_listings_skip_
     shutil.copyfile(sharded.header_path(tmp_path / "ck.dcp"), tmp_path / "lonely.pth")
     with pytest.raises(CheckpointError, match="sharded checkpoint's header"):  # never random weights
         NNHandler.load(tmp_path / "lonely.pth", trusted_packages=["fsdp_workers"])
+
+
+def test_the_runner_trains_fsdp_with_async_sharded_saves_and_converts(tmp_path):
+    """torchrun -m runner strategy=fsdp save.async=true: sharded checkpoints; the printed resume runs in
+    one process from them; task=convert consolidates one and task=inspect reads both."""
+    def runner(*args, nproc=0):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc else [sys.executable]
+        return subprocess.run([*launch, "-m", "runner", *args], env=env(), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=240)
+
+    proc = runner("data=synthetic", "model.hidden=[16]", "train.epochs=2", "strategy=fsdp", "save.every_n_steps=3",
+                  "save.async=true", "save.keep_last=2", "hydra.run.dir=run", nproc=2)
+    ok(proc)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["world_size"] == 2
+    assert record["checkpoint_written"].endswith(".dcp")
+    listed = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len([n for n in listed if n.endswith(".dcp")]) == 2 and "last.pth" in listed  # keep_last=2, no partial
+    resume = next(line.split("resume:", 1)[1].strip() for line in proc.stdout.splitlines() if "resume:" in line)
+    ok(runner(*resume.split()[3:], "hydra.run.dir=resumed"))  # as printed (python -m runner ...), one process
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epoch"] == record["epoch"] + 5
+    ok(runner("task=convert", "checkpoint.path=run/checkpoints/last.pth", "convert.to=one.pth", "hydra.run.dir=conv"))
+    weights = torch.load(tmp_path / "one.pth", weights_only=True)["model_state_dict"]
+    sharded = NNHandler.load(tmp_path / "run" / "checkpoints" / "last.pth").module.state_dict()
+    assert same(weights, sharded)
+    shown = runner("task=inspect", "checkpoint.path=run/checkpoints/last.pth")
+    ok(shown)
+    assert f"parameters: {sum(t.numel() for t in weights.values()):,}" in shown.stdout  # from the shards' index
+    assert all(name in shown.stdout for name in weights)
