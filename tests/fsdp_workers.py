@@ -142,7 +142,46 @@ def predict_and_sample(out: str, strat: str) -> None:
         torch.save({"predict": y, "predict_small": y1, "reference": reference}, os.path.join(out, "predict-rank0.pt"))
 
 
-SCENARIOS = {"train_and_save": train_and_save, "load_and_record": load_and_record, "load_each": load_each,
+def score_and_preempt(out: str, directory: str) -> None:
+    """A score model under FSDP: train, sample on both ranks (equal to the whole model's sampling), then train
+    with a checkpoint directory until a SIGTERM sent by rank 0 to itself after 3 steps pre-empts every rank."""
+    import signal
+
+    from nn_handler import ModelType, Preempted
+    from nn_handler.callbacks import Callback
+    from nn_handler.fsdp import model_state
+    from nn_handler.models import ScoreMLP
+    from nn_handler.sde import VPSDE
+    torch.manual_seed(0)
+    h = NNHandler(ScoreMLP, device="cpu", model_type=ModelType.SCORE_BASED, strategy=strategy("fsdp"), shape=[2],
+                  hidden=32, layers=2)
+    h.set_sde(VPSDE)
+    h.set_optimizer(torch.optim.Adam, lr=1e-3)
+    h.set_train_loader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=8)
+    h.train(1, ema_decay=0.9, seed=1, progress_bar=False)
+    samples = h.sample((6, 2), steps=5, seed=0, progress_bar=False)  # every rank its share, gathered
+    weights, ema = model_state(h.module, full=True), h.ema.state_dict()["weights"]
+
+    class Stop(Callback):
+        recorded = False
+
+        def on_after_optimizer_step(self, handler, step):
+            if step == handler.global_step and step == 11 and handler.rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    h.add_callback(Stop())
+    code = None
+    try:
+        h.train(5, progress_bar=False, checkpoint_dir=directory, async_save=True, save_every_n_steps=2)
+    except Preempted as exc:
+        code = exc.code
+    if h.rank == 0:
+        torch.save({"samples": samples, "weights": weights, "ema": ema, "preempted": code,
+                    "step": h.global_step}, os.path.join(out, "score-rank0.pt"))
+
+
+SCENARIOS = {"score": score_and_preempt, "train_and_save": train_and_save, "load_and_record": load_and_record,
+             "load_each": load_each,
              "train_checkpointed": train_checkpointed, "predict": predict_and_sample}
 
 

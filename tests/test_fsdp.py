@@ -347,3 +347,30 @@ def test_the_runner_trains_fsdp_with_async_sharded_saves_and_converts(tmp_path):
     ok(shown)
     assert f"parameters: {sum(t.numel() for t in weights.values()):,}" in shown.stdout  # from the shards' index
     assert all(name in shown.stdout for name in weights)
+
+
+def test_sampling_and_preemption_under_fsdp(tmp_path):
+    ok(job(tmp_path, "score", str(tmp_path / "ck")))
+    got = torch.load(tmp_path / "score-rank0.pt")
+    # the samples of the sharded model, drawn by both ranks, are those of the whole model with its EMA weights
+    from nn_handler import ModelType
+    from nn_handler.models import ScoreMLP
+    from nn_handler.sde import VPSDE
+    h = NNHandler(ScoreMLP, device="cpu", model_type=ModelType.SCORE_BASED, shape=[2], hidden=32, layers=2)
+    h.set_sde(VPSDE)
+    h.module.load_state_dict(got["ema"])
+    h.module.eval()
+    from nn_handler.sampler import EulerMaruyama
+    expected = torch.empty(6, 2)
+    for rank in range(2):  # rank r draws rows r, r+2, ... from its own generator (NNHandler.sample's rule)
+        g = torch.Generator().manual_seed(0 + 1_000_003 * rank)
+        with torch.no_grad():
+            expected[rank::2] = EulerMaruyama().sample(h.module, h.sde, (3, 2), 5, corrector_steps=0, generator=g,
+                                                       device=torch.device("cpu"), progress_bar=False)
+    assert torch.allclose(got["samples"], expected, atol=1e-4), (got["samples"], expected)
+    # SIGTERM on one rank: every rank stops at the same step, the pre-emption checkpoint is written and loads
+    assert got["preempted"] == 128 + 15
+    preempt = [p for p in (tmp_path / "ck").iterdir() if p.name.endswith("-preempt.dcp")]
+    assert len(preempt) == 1
+    loaded = NNHandler.load(preempt[0])
+    assert loaded.global_step == got["step"]

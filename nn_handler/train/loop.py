@@ -116,7 +116,7 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
     if resume is not None and int(resume.get("epoch", progress.epoch)) != progress.epoch:
         resume = None
     check_stop = handle_signals or ctx.save is not None
-    stops = StopRequests(handle_signals, agree=check_stop and distributed)
+    stops = StopRequests(handle_signals, agree=check_stop and ctx.dist.enabled)  # (DDP or FSDP: the ranks vote)
 
     h.stop_training = False
     for cb in hooks["on_train_begin"]:
@@ -142,7 +142,7 @@ def run(ctx: LoopContext, epochs: int, progress_bar: bool = True, every_n_steps:
                     signum = stops.requested(settle=True)
                     if signum:
                         preempt(signum, ctx.save, ctx.logger)
-                if distributed:  # a callback may decide on one rank only (history lives on rank 0)
+                if ctx.dist.enabled:  # a callback may decide on one rank only (history lives on rank 0)
                     device = ctx.device
                     flag = torch.tensor([int(bool(h.stop_training))], device=device if device.type == "cuda" else "cpu")
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
