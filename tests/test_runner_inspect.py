@@ -148,7 +148,9 @@ def _middle_of_largest_tensor(path) -> int:
     import struct
     import zipfile
     with zipfile.ZipFile(path) as zf:
-        info = max(zf.infolist(), key=lambda i: i.file_size)
+        # the largest tensor's bytes (not the pickle, which grows with the recorded run config)
+        info = max((i for i in zf.infolist() if "/data/" in i.filename and not i.filename.endswith(".pkl")),
+                   key=lambda i: i.file_size)
     with open(path, "rb") as fh:
         fh.seek(info.header_offset + 26)
         name_len, extra_len = struct.unpack("<HH", fh.read(4))
