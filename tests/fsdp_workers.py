@@ -139,7 +139,20 @@ def predict_and_sample(out: str, strat: str) -> None:
         ref.eval()
         with torch.no_grad():
             reference = ref(x)
-        torch.save({"predict": y, "predict_small": y1, "reference": reference}, os.path.join(out, "predict-rank0.pt"))
+        torch.save({"predict": y, "predict_small": y1, "reference": reference, "fp32_losses": list(h.train_losses)},
+                   os.path.join(out, "predict-rank0.pt"))
+    # FSDP's MixedPrecisionPolicy: bfloat16 compute, float32 sharded parameters and reductions
+    torch.manual_seed(0)
+    mixed = NNHandler(Net, device="cpu", strategy={"name": "fsdp", "wrap": ["Block"], "param_dtype": "bfloat16",
+                                                   "reduce_dtype": "float32"}, width=16)
+    mixed.set_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
+    mixed.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.8)
+    mixed.set_loss_fn(torch.nn.CrossEntropyLoss)
+    mixed.set_train_loader(DATA, batch_size=8, shuffle=True)
+    mixed.train(1, seed=3, progress_bar=False)
+    if mixed.rank == 0:
+        torch.save({"losses": list(mixed.train_losses), "param_dtype": str(next(mixed.module.parameters()).dtype)},
+                   os.path.join(out, "mixed-rank0.pt"))
 
 
 def score_and_preempt(out: str, directory: str) -> None:

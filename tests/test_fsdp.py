@@ -4,6 +4,7 @@ Every scenario runs in tests/fsdp_workers.py; the records compared are whole ten
 over the ranks), so runs under any world size and strategy compare directly.
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -194,6 +195,10 @@ def test_predict_and_uneven_validation_under_fsdp_match_the_whole_model(tmp_path
     assert two["predict"].shape == (7, 3)
     assert torch.allclose(two["predict"], two["reference"], atol=1e-6)  # the sharded forward = the whole model's
     assert torch.allclose(two["predict_small"], two["reference"][:3], atol=1e-6)  # ranks with 2 and 1 batches
+    mixed = torch.load(tmp_path / "mixed-rank0.pt")  # the same run with strategy.param_dtype=bfloat16
+    assert mixed["param_dtype"] == "torch.float32"  # the sharded parameters stay float32
+    assert math.isfinite(mixed["losses"][0]) and mixed["losses"][0] != two["fp32_losses"][0]  # computed in bf16
+    assert abs(mixed["losses"][0] - two["fp32_losses"][0]) < 0.05
 
 
 def test_asynchronous_saves_write_the_same_checkpoints_and_a_failure_is_raised(tmp_path):
