@@ -375,27 +375,29 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def all_gather_object(value: Any, info: DistInfo) -> List[Any]:
-    """Every rank's ``value``, in rank order, on every rank."""
+def all_gather_object(value: Any, info: DistInfo, group: Any = None) -> List[Any]:
+    """Every rank's ``value``, in rank order, on every rank (over ``group``; the default group when None)."""
     if not (info.enabled and dist.is_initialized()):
         return [value]
     out: List[Any] = [None] * info.world_size
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
-def agree(error: Optional[BaseException], info: DistInfo, what: str, path: Optional[str] = None) -> None:
+def agree(error: Optional[BaseException], info: DistInfo, what: str, path: Optional[str] = None,
+          group: Any = None) -> None:
     """Every rank says whether its part of ``what`` failed; if any did, every rank raises.
 
     The failing rank raises its own error; the others raise the same kind of error naming
     the rank(s) and their message, so no rank is left waiting at a later collective.
+    ``group``: the process group to agree over (a background save's own; the default when None).
     """
     if not (info.enabled and dist.is_initialized()):
         if error is not None:
             raise error
         return
     report = None if error is None else (type(error).__name__, str(error), isinstance(error, FileNotFoundError))
-    reports = all_gather_object(report, info)
+    reports = all_gather_object(report, info, group)
     failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
     if not failed:
         return

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .fsdp import full_tensor, is_sharded, like, local
+
 
 class EMA:
     """Shadow weights ``w_ema <- decay * w_ema + (1 - decay) * w`` after every optimizer step.
@@ -108,7 +110,7 @@ class ShardedEMA:
     def _pairs(self, module: nn.Module):
         live = module.state_dict()
         for name in self._names:
-            yield _local(self._shadow[name]), _local(live[name])
+            yield local(self._shadow[name]), local(live[name])
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -126,12 +128,10 @@ class ShardedEMA:
         self._updates += 1
 
     def state_dict(self) -> Dict[str, Any]:
-        from .fsdp import full_tensor
         weights = {name: full_tensor(t) for name, t in self._shadow.items()}  # collective
         return {"decay": self.decay, "num_updates": self._updates, "weights": weights}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        from .fsdp import like
         weights = state["weights"]
         missing = sorted(set(self._names) - set(weights))
         if missing:
@@ -142,7 +142,7 @@ class ShardedEMA:
                 if tuple(weights[name].shape) != tuple(target.shape):
                     raise RuntimeError(f"EMA weight {name} has shape {tuple(weights[name].shape)}, the model "
                                        f"{tuple(target.shape)}")
-                _local(target).copy_(_local(like(target, weights[name])))
+                local(target).copy_(local(like(target, weights[name])))
         self._updates = int(state["num_updates"])
 
     def sharded_state(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -152,7 +152,7 @@ class ShardedEMA:
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in self._shadow and t is not self._shadow[name]:
-                    _local(self._shadow[name]).copy_(_local(t))
+                    local(self._shadow[name]).copy_(local(t))
         self._updates = int(plain.get("num_updates", self._updates))
 
     @torch.no_grad()
@@ -172,12 +172,6 @@ class ShardedEMA:
                     w.copy_(saved)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
 def ema_for(module: nn.Module, decay: float):
     """The EMA that fits ``module``: ``ShardedEMA`` for an FSDP2 model, else ``EMA``."""
-    from .fsdp import is_sharded
     return ShardedEMA(module, decay) if is_sharded(module) else EMA(module, decay)

@@ -638,6 +638,11 @@ class NNHandler:
         module = self._module
         was_training = module.training
         module.eval()
+        def first_input() -> torch.Tensor:  # the data's first input, as a batch of one
+            probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
+            x = probe[0] if isinstance(probe, (list, tuple)) else probe
+            return x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
+
         outputs = []
         x = None
         extra = 0
@@ -650,10 +655,8 @@ class NNHandler:
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
                     outputs.append(module(to_device(x, self._device)).float())
                 if extra:
-                    if x is None:
-                        probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
-                        x = probe[0] if isinstance(probe, (list, tuple)) else probe
-                        x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
+                    if x is None:  # this rank's share is empty: its first forward gives the empty rows
+                        x = first_input()
                         outputs.append(module(to_device(x, self._device)).float()[:0])
                         extra -= 1
                     for _ in range(extra):
@@ -664,10 +667,7 @@ class NNHandler:
             if not outputs:  # fewer samples than ranks: this rank's rows are all padding
                 if total == 0:
                     raise ValueError("predict() got no data")
-                probe = original[0:1] if isinstance(original, torch.Tensor) else original[0]
-                x = probe[0] if isinstance(probe, (list, tuple)) else probe
-                x = x if isinstance(original, torch.Tensor) else x.unsqueeze(0)
-                outputs.append(module(to_device(x, self._device)).float()[:0])
+                outputs.append(module(to_device(first_input(), self._device)).float()[:0])
             return distributed.gather_rows(torch.cat(outputs), total, self._dist).cpu()
         if not outputs:
             raise ValueError("predict() got no data")

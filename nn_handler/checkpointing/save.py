@@ -123,53 +123,39 @@ class _Later:
         self.tensor = tensor
 
 
+def _leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """``tree`` (dicts, lists and tuples) with ``fn`` applied to every other value."""
+    if isinstance(tree, dict):
+        return {k: _leaves(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_leaves(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_leaves(v, fn) for v in tree)
+    return fn(tree)
+
+
 def staged(tree: Any, later: Optional[set] = None) -> Any:
     """A copy of ``tree`` whose tensors are this process's own CPU copies (a DTensor keeps its layout):
     what a background save writes while training changes the live tensors. A tensor whose storage is in
     ``later`` (what only the optimizer step changes: weights, optimizer state, EMA) is left for
     ``finish_staging`` to copy in the background thread."""
-    if isinstance(tree, torch.Tensor):
-        if later and _storage(tree) in later:
-            return _Later(tree)
-        return _copy(tree)
-    if isinstance(tree, dict):
-        return {k: staged(v, later) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [staged(v, later) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(staged(v, later) for v in tree)
-    return tree
+    def stage(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return _Later(value) if later and _storage(value) in later else _copy(value)
+
+    return _leaves(tree, stage)
 
 
 def finish_staging(tree: Any) -> Any:
     """``tree`` with every tensor ``staged`` left for later copied now."""
-    if isinstance(tree, _Later):
-        return _copy(tree.tensor)
-    if isinstance(tree, dict):
-        return {k: finish_staging(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [finish_staging(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(finish_staging(v) for v in tree)
-    return tree
+    return _leaves(tree, lambda value: _copy(value.tensor) if isinstance(value, _Later) else value)
 
 
 def storages(*trees: Any) -> set:
     """The storages of every tensor in ``trees`` (for ``staged``'s ``later``)."""
     found: set = set()
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            found.add(_storage(value))
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    for tree in trees:
-        visit(tree)
+    _leaves(list(trees), lambda value: found.add(_storage(value)) if isinstance(value, torch.Tensor) else None)
     return found
 
 

@@ -74,26 +74,6 @@ def is_partial(name: str) -> bool:
     return name.startswith(".") and _PARTIAL in name
 
 
-# ---------------------------------------------------------------------------- collectives on a given group
-def _gather(value: Any, info: distributed.DistInfo, group: Any) -> List[Any]:
-    if not (info.enabled and dist.is_initialized()):
-        return [value]
-    out: List[Any] = [None] * info.world_size
-    dist.all_gather_object(out, value, group=group)
-    return out
-
-
-def _agree(error: Optional[BaseException], info: distributed.DistInfo, group: Any, what: str, path: str) -> None:
-    """As ``distributed.agree``, over ``group`` (the checkpoint thread's own group when saving in the background)."""
-    reports = _gather(None if error is None else f"{type(error).__name__}: {error}", info, group)
-    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-    if not failed:
-        return
-    if error is not None:
-        raise error
-    raise CheckpointError(path, f"{what} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}")
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """DCP's note that one process with no process group loads alone: that is meant here."""
@@ -213,7 +193,7 @@ def write(snapshot: Snapshot, path: PathLike, info: distributed.DistInfo, group:
     target = Path(os.path.abspath(os.fspath(path)))
     what = f"saving sharded checkpoint {target}"
     token = uuid.uuid4().hex[:12] if info.is_main else None
-    token = _gather(token, info, group)[0]
+    token = distributed.all_gather_object(token, info, group)[0]
     tmp = target.with_name(f".{target.name}{_PARTIAL}{socket.gethostname()}-{token}")
     error: Optional[BaseException] = None
     try:
@@ -223,7 +203,7 @@ def write(snapshot: Snapshot, path: PathLike, info: distributed.DistInfo, group:
             tmp.mkdir()
     except Exception as exc:
         error = exc
-    _agree(error, info, group, what, str(target))
+    distributed.agree(error, info, what, str(target), group)
     try:
         metadata, error = None, None
         try:
@@ -238,9 +218,9 @@ def write(snapshot: Snapshot, path: PathLike, info: distributed.DistInfo, group:
                     mine[name] = list(file_crc(tmp / name))
         except Exception as exc:
             error, mine = exc, {}
-        _agree(error, info, group, what, str(target))
+        distributed.agree(error, info, what, str(target), group)
         files: Dict[str, List[int]] = {}
-        for part in _gather(mine, info, group):
+        for part in distributed.all_gather_object(mine, info, group):
             files.update(part)
         error = None
         if info.is_main:
@@ -256,7 +236,7 @@ def write(snapshot: Snapshot, path: PathLike, info: distributed.DistInfo, group:
                 commit(tmp, target)
             except Exception as exc:
                 error = exc
-        _agree(error, info, group, what, str(target))
+        distributed.agree(error, info, what, str(target), group)
     except BaseException:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -416,18 +396,16 @@ def verify(path: str, record: Dict[str, Any], info: distributed.DistInfo, sharer
         raise error
 
 
-class _Reader:
+def _reader(path: str, metadata: Any) -> Any:
     """DCP's FileSystemReader with the index given (rebuilt from the verified header), never unpickled."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    def __new__(cls, path: str, metadata: Any):
-        from torch.distributed.checkpoint import FileSystemReader
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
-        class Reader(FileSystemReader):
-            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-                metadata.storage_meta.load_id = self.load_id
-                return metadata
-
-        return Reader(path)
+    return Reader(path)
 
 
 def read_part(path: str, record: Dict[str, Any], part: str, meta: bool = False) -> Dict[str, torch.Tensor]:
@@ -441,7 +419,7 @@ def read_part(path: str, record: Dict[str, Any], part: str, meta: bool = False) 
               for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     if wanted and not meta:
         with _quiet():
-            dcp.load(wanted, storage_reader=_Reader(path, metadata),
+            dcp.load(wanted, storage_reader=_reader(path, metadata),
                      planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k[len(prefix):]: t for k, t in wanted.items()}
 
@@ -495,7 +473,7 @@ def load(path: str, record: Dict[str, Any], parts: Mapping[str, Any], leave_out:
     if wanted:
         try:
             with _quiet():
-                dcp.load(wanted, storage_reader=_Reader(path, metadata),
+                dcp.load(wanted, storage_reader=_reader(path, metadata),
                          planner=DefaultLoadPlanner(allow_partial_load=True),
                          no_dist=not (info.enabled and dist.is_initialized()))
         except CheckpointError:
